@@ -1,0 +1,44 @@
+"""Domain errors of the indexer. Only the CLI and the service turn them into exit codes / HTTP."""
+
+from __future__ import annotations
+
+
+class LookalikeError(Exception):
+    """Base class of every error lookalike raises on purpose."""
+
+
+class DumpError(LookalikeError):
+    """The dump itself cannot be read (missing root, unreadable directory)."""
+
+
+class ImageRejected(LookalikeError):
+    """An image was refused by the safe decoder.
+
+    ``reason`` is a short stable code (``empty``, ``not_an_image``, ``unsupported_format``,
+    ``too_large``, ``decompression_bomb``, ``too_many_frames``, ``truncated``, ``corrupt``)
+    used for skip counts and for the HTTP error code.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ModelNotFoundError(LookalikeError):
+    """An encoder's weights could not be found locally or on the hub."""
+
+
+class UnknownEncoderError(LookalikeError):
+    """An encoder or profile name that is not in the registry."""
+
+
+class CatalogError(LookalikeError):
+    """The catalog on disk is missing, corrupt or of an unknown format."""
+
+
+class EncoderMismatchError(CatalogError):
+    """A catalog was opened with other encoders than it was built with."""
+
+
+class DiskFullError(CatalogError):
+    """A write ran out of space; the previous catalog state is intact."""

@@ -1,0 +1,1 @@
+"""Pure recommendation policies over a catalog: retrieval, re-rank, exploration, steering."""

@@ -1,0 +1,1 @@
+"""The edge: CLI, settings and the FastAPI app."""
