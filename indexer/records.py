@@ -27,8 +27,18 @@ def nsfw_level_from_any(value: Any) -> int:
         # browsingLevel is a bit set; the highest bit is the level.
         return min(flags.bit_length() - 1, len(NSFW_LEVELS) - 1)
     text = str(value).strip().lower()
-    aliases = {"pg": 0, "none": 0, "safe": 0, "pg13": 1, "pg-13": 1, "soft": 1, "r": 2,
-               "mature": 2, "x": 3, "xxx": 4}
+    aliases = {
+        "pg": 0,
+        "none": 0,
+        "safe": 0,
+        "pg13": 1,
+        "pg-13": 1,
+        "soft": 1,
+        "r": 2,
+        "mature": 2,
+        "x": 3,
+        "xxx": 4,
+    }
     if text in aliases:
         return aliases[text]
     if text.isdigit():

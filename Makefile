@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   installs into .venv, builds a sample catalog (offline profile) and serves it
+#   make test   installs dev tools into .venv, then runs ruff, mypy and the tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A torch build that runs on CPU and GPU; pip takes it from a local wheel cache when one exists.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PORT ?= 8000
+
+.PHONY: install install-dev demo test lint typecheck unit bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/lookalike demo --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check indexer recommender service tests benchmarks
+	$(BIN)/ruff format --check indexer recommender service tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

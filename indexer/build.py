@@ -1,0 +1,70 @@
+"""Choosing the encoders for a catalog: from a profile for a new one, from its manifest after."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from indexer.catalog import MANIFEST, Catalog
+from indexer.encoders import Encoder, EncoderSpec, create_encoder, profile_specs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROFILE = "default"
+
+
+def recorded_specs(catalog_path: Path) -> dict[str, EncoderSpec] | None:
+    """The encoder specs a catalog's manifest records, or None when there is no catalog yet."""
+    manifest_path = catalog_path / MANIFEST
+    if not manifest_path.exists():
+        return None
+    manifest: dict[str, Any] = Catalog.read_manifest(catalog_path)
+    return {
+        space: EncoderSpec(
+            name=entry["name"],
+            family=entry["family"],
+            space=space,
+            model=entry["model"],
+            dim=int(entry["dim"]),
+            revision=entry["revision"],
+        )
+        for space, entry in manifest["encoders"].items()
+    }
+
+
+def choose_specs(
+    catalog_path: Path, profile: str | None, overrides: Mapping[str, str]
+) -> dict[str, EncoderSpec]:
+    """Specs for indexing into ``catalog_path``.
+
+    An existing catalog keeps the encoders it was built with unless a profile is named (then
+    Catalog.open refuses a mismatch clearly); a new one uses the profile, ``default`` if none.
+    """
+    recorded = recorded_specs(catalog_path)
+    if recorded is not None and profile is None and not overrides:
+        return recorded
+    return profile_specs(profile or DEFAULT_PROFILE, dict(overrides))
+
+
+def create_encoders(
+    specs: Mapping[str, EncoderSpec], device: str | None, dtype: str
+) -> dict[str, Encoder]:
+    return {
+        space: create_encoder(spec, device=device, dtype=dtype) for space, spec in specs.items()
+    }
+
+
+def open_for_indexing(
+    catalog_path: Path,
+    *,
+    profile: str | None,
+    overrides: Mapping[str, str],
+    device: str | None,
+    dtype: str,
+) -> tuple[Catalog, dict[str, Encoder]]:
+    """Open (or create) the catalog and the encoders that fill it, checking they match."""
+    specs = choose_specs(catalog_path, profile, overrides)
+    catalog = Catalog.create_or_open(catalog_path, specs)
+    return catalog, create_encoders(specs, device, dtype)

@@ -1,0 +1,785 @@
+"""The on-disk catalog: SQLite (WAL) for items, tags, vectors and feedback; one FAISS index per
+space; a manifest.
+
+SQLite is the source of truth: every write is one transaction that bumps a generation counter,
+and item vectors are stored there too. FAISS files are snapshots written atomically together
+with the generation they reflect; a catalog whose snapshot is behind (a crash between the two)
+rebuilds that space from SQLite when it is opened. So a crash at any moment leaves either the
+old or the new state, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from indexer.encoders.base import EncoderSpec
+from indexer.errors import CatalogError, EncoderMismatchError
+from indexer.records import NSFW_LEVELS, DumpRecord
+from indexer.storage import atomic_write_bytes, translate_disk_full
+from indexer.vector_index import IndexPolicy, Keys, VectorIndex
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DATABASE = "catalog.sqlite"
+INDEX_DIR = "faiss"
+
+# Named migrations, applied in order; PRAGMA user_version counts how many ran.
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "items, tags, vectors",
+        """
+        CREATE TABLE items (
+            key INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            file TEXT NOT NULL,
+            content_hash TEXT NOT NULL,
+            file_size INTEGER NOT NULL,
+            file_mtime_ns INTEGER NOT NULL,
+            width INTEGER, height INTEGER,
+            prompt TEXT, negative_prompt TEXT,
+            tags TEXT NOT NULL DEFAULT '[]',
+            nsfw_level INTEGER NOT NULL DEFAULT 0,
+            base_model TEXT, model_name TEXT, created_at TEXT, username TEXT, url TEXT,
+            stats TEXT NOT NULL DEFAULT '{}', meta TEXT NOT NULL DEFAULT '{}',
+            source TEXT NOT NULL DEFAULT 'dump',
+            added_at REAL NOT NULL
+        );
+        CREATE INDEX items_file ON items(file);
+        CREATE INDEX items_hash ON items(content_hash);
+        CREATE TABLE item_tags (tag TEXT NOT NULL, key INTEGER NOT NULL,
+                                PRIMARY KEY (tag, key)) WITHOUT ROWID;
+        CREATE INDEX item_tags_key ON item_tags(key);
+        CREATE TABLE vectors (space TEXT NOT NULL, key INTEGER NOT NULL, vec BLOB NOT NULL,
+                              PRIMARY KEY (space, key)) WITHOUT ROWID;
+        CREATE TABLE duplicates (id TEXT PRIMARY KEY, of_key INTEGER NOT NULL, file TEXT NOT NULL,
+                                 file_size INTEGER NOT NULL, file_mtime_ns INTEGER NOT NULL);
+        CREATE INDEX duplicates_file ON duplicates(file);
+        CREATE TABLE skipped (file TEXT PRIMARY KEY, reason TEXT NOT NULL, detail TEXT,
+                              file_size INTEGER NOT NULL, file_mtime_ns INTEGER NOT NULL);
+        CREATE TABLE state (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO state VALUES ('generation', 0);
+        """,
+    ),
+    (
+        "feedback events",
+        """
+        CREATE TABLE feedback (
+            event_id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            user_id TEXT,
+            image_id TEXT NOT NULL,
+            dwell_ms REAL NOT NULL,
+            received_at REAL NOT NULL
+        );
+        CREATE INDEX feedback_user ON feedback(user_id);
+        """,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class CatalogItem:
+    """One indexed image as the recommender and the service see it."""
+
+    key: int
+    id: str
+    file: str
+    content_hash: str
+    width: int | None
+    height: int | None
+    prompt: str | None
+    negative_prompt: str | None
+    tags: tuple[str, ...]
+    nsfw_level: int
+    base_model: str | None
+    model_name: str | None
+    created_at: str | None
+    username: str | None
+    url: str | None
+    stats: dict[str, Any]
+    meta: dict[str, Any]
+    source: str
+
+    @property
+    def nsfw_name(self) -> str:
+        return NSFW_LEVELS[min(max(self.nsfw_level, 0), len(NSFW_LEVELS) - 1)]
+
+    @property
+    def generated(self) -> bool:
+        return self.source == "generated"
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """An item ready to be added: its record, where its bytes are, and what they hash to.
+
+    ``file`` is an absolute path, or a path relative to the catalog directory for files the
+    catalog owns (generated images).
+    """
+
+    record: DumpRecord
+    file: str
+    content_hash: str
+    file_size: int
+    file_mtime_ns: int
+    width: int
+    height: int
+    source: str = "dump"
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What the catalog already knows about a file, for incremental re-runs."""
+
+    kind: str  # "item" | "duplicate" | "skipped"
+    id: str | None
+    content_hash: str | None
+    file_size: int
+    file_mtime_ns: int
+
+
+class Columns:
+    """Per-key metadata held in memory for fast filtering: arrays indexed by item key.
+
+    ``nsfw_level`` is -1 where no live item has that key; ``base_model`` holds codes from
+    ``base_model_codes`` (-1 for none).
+    """
+
+    def __init__(self) -> None:
+        self.nsfw_level: NDArray[np.int8] = np.full(0, -1, dtype=np.int8)
+        self.base_model: NDArray[np.int32] = np.full(0, -1, dtype=np.int32)
+        self.base_model_codes: dict[str, int] = {}
+
+    @property
+    def live(self) -> NDArray[np.bool_]:
+        return self.nsfw_level >= 0
+
+    def set(self, key: int, nsfw_level: int, base_model: str | None) -> None:
+        if key >= len(self.nsfw_level):
+            size = max(key + 1, 2 * len(self.nsfw_level), 1024)
+            self.nsfw_level = _grow(self.nsfw_level, size)
+            self.base_model = _grow(self.base_model, size)
+        self.nsfw_level[key] = nsfw_level
+        self.base_model[key] = self.code(base_model) if base_model else -1
+
+    def clear(self, key: int) -> None:
+        if key < len(self.nsfw_level):
+            self.nsfw_level[key] = -1
+            self.base_model[key] = -1
+
+    def code(self, base_model: str) -> int:
+        return self.base_model_codes.setdefault(base_model, len(self.base_model_codes))
+
+
+def _grow(array: NDArray[Any], size: int) -> NDArray[Any]:
+    grown = np.full(size, -1, dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown
+
+
+def encoder_entry(spec: EncoderSpec) -> dict[str, Any]:
+    """How the manifest records an encoder; two catalogs match when these dicts are equal."""
+    return {
+        "name": spec.name,
+        "family": spec.family,
+        "model": spec.model,
+        "revision": spec.revision,
+        "dim": spec.dim,
+    }
+
+
+class Catalog:
+    """An open catalog directory. Thread-safe: one SQLite connection behind a lock."""
+
+    def __init__(
+        self, path: Path, conn: sqlite3.Connection, manifest: dict[str, Any], policy: IndexPolicy
+    ) -> None:
+        self.path = path
+        self._conn = conn
+        self._lock = threading.RLock()
+        self.manifest = manifest
+        self.policy = policy
+        self.columns = Columns()
+        self.indexes: dict[str, VectorIndex] = {}
+        self._dirty: set[str] = set()
+
+    # -- opening --------------------------------------------------------------------------
+    @classmethod
+    def create_or_open(
+        cls,
+        path: Path,
+        encoders: Mapping[str, EncoderSpec],
+        policy: IndexPolicy | None = None,
+    ) -> Catalog:
+        """Open the catalog at ``path`` (checking its encoders) or create an empty one."""
+        if (path / MANIFEST).exists():
+            return cls.open(path, expected=encoders, policy=policy)
+        path.mkdir(parents=True, exist_ok=True)
+        if (path / DATABASE).exists():
+            # A crash before the first manifest write: the database is the truth, start it over.
+            log.warning("%s has a database but no manifest; starting it afresh", path)
+            for leftover in (DATABASE, DATABASE + "-wal", DATABASE + "-shm"):
+                (path / leftover).unlink(missing_ok=True)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "encoders": {space: encoder_entry(spec) for space, spec in encoders.items()},
+            "spaces": {},
+            "items": 0,
+        }
+        catalog = cls(path, _connect(path / DATABASE), manifest, policy or IndexPolicy())
+        for space, spec in encoders.items():
+            catalog.indexes[space] = VectorIndex(spec.dim, catalog.policy)
+        catalog._dirty = set(encoders)
+        catalog.checkpoint()
+        return catalog
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        expected: Mapping[str, EncoderSpec] | None = None,
+        policy: IndexPolicy | None = None,
+    ) -> Catalog:
+        """Open an existing catalog; refuse it if ``expected`` encoders differ from its own."""
+        manifest = cls.read_manifest(path)
+        if expected is not None:
+            _check_encoders(path, manifest["encoders"], expected)
+        catalog = cls(path, _connect(path / DATABASE), manifest, policy or IndexPolicy())
+        catalog._load_columns()
+        catalog._load_indexes()
+        return catalog
+
+    @staticmethod
+    def read_manifest(path: Path) -> dict[str, Any]:
+        """The manifest of the catalog at ``path``; CatalogError if absent, corrupt or foreign."""
+        manifest_path = path / MANIFEST
+        if not manifest_path.exists():
+            raise CatalogError(
+                f"No catalog at {path} (no {MANIFEST}). Build one with "
+                f"`lookalike index DUMP --catalog {path}`."
+            )
+        try:
+            manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CatalogError(f"Cannot read {manifest_path}: {exc}") from exc
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CatalogError(
+                f"{path} has catalog format {manifest.get('format_version')!r}; "
+                f"this lookalike reads format {FORMAT_VERSION}."
+            )
+        return manifest
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- description ----------------------------------------------------------------------
+    @property
+    def spaces(self) -> tuple[str, ...]:
+        return tuple(self.manifest["encoders"])
+
+    def __len__(self) -> int:
+        return self._scalar("SELECT COUNT(*) FROM items")
+
+    def generation(self) -> int:
+        return self._scalar("SELECT value FROM state WHERE name = 'generation'")
+
+    def info(self) -> dict[str, Any]:
+        """The summary `lookalike info --json` prints."""
+        with self._lock:
+            sources = dict(self._conn.execute("SELECT source, COUNT(*) FROM items GROUP BY source"))
+            duplicates = self._scalar("SELECT COUNT(*) FROM duplicates")
+            skipped = dict(
+                self._conn.execute("SELECT reason, COUNT(*) FROM skipped GROUP BY reason")
+            )
+        return {
+            "path": str(self.path),
+            "format_version": self.manifest["format_version"],
+            "items": len(self),
+            "sources": sources,
+            "duplicates": duplicates,
+            "skipped": skipped,
+            "spaces": {
+                space: {"dim": index.dim, **index.info.to_json()}
+                for space, index in self.indexes.items()
+            },
+            "encoders": self.manifest["encoders"],
+            "generation": self.generation(),
+        }
+
+    # -- incremental indexing support -----------------------------------------------------
+    def file_state(self, file: str) -> FileState | None:
+        """What is known about ``file`` (an item, a duplicate alias, or a skip), if anything."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT id, content_hash, file_size, file_mtime_ns FROM items WHERE file = ? "
+                "LIMIT 1",
+                (file,),
+            ).fetchone()
+            if row:
+                return FileState("item", row[0], row[1], row[2], row[3])
+            row = self._conn.execute(
+                "SELECT d.id, i.content_hash, d.file_size, d.file_mtime_ns FROM duplicates d "
+                "JOIN items i ON i.key = d.of_key WHERE d.file = ? LIMIT 1",
+                (file,),
+            ).fetchone()
+            if row:
+                return FileState("duplicate", row[0], row[1], row[2], row[3])
+            row = self._conn.execute(
+                "SELECT reason, file_size, file_mtime_ns FROM skipped WHERE file = ?", (file,)
+            ).fetchone()
+            if row:
+                return FileState("skipped", row[0], None, row[1], row[2])
+        return None
+
+    def key_for_hash(self, content_hash: str) -> int | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT key FROM items WHERE content_hash = ? LIMIT 1", (content_hash,)
+            ).fetchone()
+        return int(row[0]) if row else None
+
+    def key_for_id(self, item_id: str) -> int | None:
+        """The key of an item id, following duplicate aliases to the stored item."""
+        with self._lock:
+            row = self._conn.execute("SELECT key FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                row = self._conn.execute(
+                    "SELECT of_key FROM duplicates WHERE id = ?", (item_id,)
+                ).fetchone()
+        return int(row[0]) if row else None
+
+    # -- writes ---------------------------------------------------------------------------
+    def add(self, items: Sequence[NewItem], vectors: Mapping[str, NDArray[np.float32]]) -> Keys:
+        """Add (or replace, by id) items with their vectors for every space, in one transaction.
+
+        ``vectors[space]`` is float32 (len(items), dim), L2-normalised, row i for items[i].
+        Returns the items' keys. A replaced id keeps its key.
+        """
+        missing = set(self.spaces) - set(vectors)
+        if missing:
+            raise ValueError(f"vectors missing for spaces {sorted(missing)}")
+        keys = np.zeros(len(items), dtype=np.int64)
+        now = time.time()
+        with self._lock, translate_disk_full("adding items to the catalog"), self._conn:
+            for i, item in enumerate(items):
+                keys[i] = self._upsert_item(item, now)
+            for space in self.spaces:
+                block = np.ascontiguousarray(vectors[space], dtype=np.float32)
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO vectors (space, key, vec) VALUES (?, ?, ?)",
+                    ((space, int(k), block[i].tobytes()) for i, k in enumerate(keys)),
+                )
+            self._bump_generation()
+        for space in self.spaces:
+            self.indexes[space].add(keys, vectors[space])
+            self._dirty.add(space)
+        for item, key in zip(items, keys, strict=True):
+            self.columns.set(int(key), item.record.nsfw_level, item.record.base_model)
+        return keys
+
+    def update_metadata(self, item_id: str, record: DumpRecord) -> bool:
+        """Refresh an item's metadata from a re-read record (same image bytes). True if changed."""
+        values = _record_values(record)
+        with self._lock, translate_disk_full("updating metadata"), self._conn:
+            row = self._conn.execute("SELECT key FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                return False
+            cursor = self._conn.execute(
+                f"UPDATE items SET {', '.join(f'{c} = ?' for c in values)} WHERE id = ? AND "
+                f"({' OR '.join(f'{c} IS NOT ?' for c in values)})",
+                (*values.values(), item_id, *values.values()),
+            )
+            if cursor.rowcount == 0:
+                return False
+            self._set_tags(int(row[0]), record.tags)
+            self._bump_generation()
+        self.columns.set(int(row[0]), record.nsfw_level, record.base_model)
+        return True
+
+    def add_duplicate(self, item_id: str, of_key: int, file: str, size: int, mtime_ns: int) -> None:
+        """Record ``item_id`` as an exact duplicate of the stored item ``of_key``."""
+        with self._lock, translate_disk_full("recording a duplicate"), self._conn:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO duplicates VALUES (?, ?, ?, ?, ?)",
+                (item_id, of_key, file, size, mtime_ns),
+            )
+            self._conn.execute("DELETE FROM skipped WHERE file = ?", (file,))
+
+    def record_skip(self, file: str, reason: str, detail: str, size: int, mtime_ns: int) -> None:
+        """Remember a rejected file so an unchanged copy is not decoded again on re-runs."""
+        with self._lock, translate_disk_full("recording a skipped file"), self._conn:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO skipped VALUES (?, ?, ?, ?, ?)",
+                (file, reason, detail[:500], size, mtime_ns),
+            )
+
+    def delete(self, ids: Iterable[str]) -> list[str]:
+        """Delete items (and duplicate aliases) by id. Returns the ids that existed."""
+        deleted: list[str] = []
+        removed_keys: list[int] = []
+        with self._lock, translate_disk_full("deleting items"), self._conn:
+            for item_id in ids:
+                row = self._conn.execute(
+                    "SELECT key FROM items WHERE id = ?", (item_id,)
+                ).fetchone()
+                if row is not None:
+                    key = int(row[0])
+                    for table in ("items", "item_tags", "vectors"):
+                        self._conn.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
+                    self._conn.execute("DELETE FROM duplicates WHERE of_key = ?", (key,))
+                    removed_keys.append(key)
+                    deleted.append(item_id)
+                elif self._conn.execute("DELETE FROM duplicates WHERE id = ?", (item_id,)).rowcount:
+                    deleted.append(item_id)
+            if deleted:
+                self._bump_generation()
+        for space, index in self.indexes.items():
+            if removed_keys:
+                index.remove(removed_keys)
+                self._dirty.add(space)
+        for key in removed_keys:
+            self.columns.clear(key)
+        if deleted:
+            self.checkpoint()
+        return deleted
+
+    def checkpoint(self) -> None:
+        """Write changed FAISS snapshots and the manifest atomically (indexes first)."""
+        generation = self.generation()
+        index_dir = self.path / INDEX_DIR
+        for space in sorted(self._dirty):
+            index = self.indexes[space]
+            if index.needs_retype():
+                self._rebuild_space(space)
+            index.save(index_dir / f"{space}.faiss")
+            self.manifest["spaces"][space] = {
+                "dim": index.dim,
+                "generation": generation,
+                **index.info.to_json(),
+            }
+        self._dirty.clear()
+        self.manifest["items"] = len(self)
+        self.manifest["generation"] = generation
+        atomic_write_bytes(
+            self.path / MANIFEST, json.dumps(self.manifest, indent=2, sort_keys=True).encode()
+        )
+
+    # -- feedback -------------------------------------------------------------------------
+    def record_feedback(
+        self,
+        session_id: str,
+        user_id: str | None,
+        events: Sequence[tuple[str, str, float]],
+    ) -> tuple[list[int], int]:
+        """Store (event_id, image_id, dwell_ms) events durably, ignoring known event ids.
+
+        Returns the indexes (into ``events``) of the newly stored ones and the duplicate count.
+        The transaction is committed (fsynced) before this returns.
+        """
+        fresh: list[int] = []
+        now = time.time()
+        with self._lock, translate_disk_full("storing feedback"), self._conn:
+            for i, (event_id, image_id, dwell_ms) in enumerate(events):
+                cursor = self._conn.execute(
+                    "INSERT OR IGNORE INTO feedback VALUES (?, ?, ?, ?, ?, ?)",
+                    (event_id, session_id, user_id, image_id, float(dwell_ms), now),
+                )
+                if cursor.rowcount:
+                    fresh.append(i)
+        return fresh, len(events) - len(fresh)
+
+    def feedback_rows(self) -> list[tuple[str, str | None, str, float]]:
+        """All stored events as (session_id, user_id, image_id, dwell_ms), oldest first."""
+        with self._lock:
+            return list(
+                self._conn.execute(
+                    "SELECT session_id, user_id, image_id, dwell_ms FROM feedback "
+                    "ORDER BY received_at, rowid"
+                )
+            )
+
+    # -- reads ----------------------------------------------------------------------------
+    def items(self, keys: Sequence[int]) -> list[CatalogItem]:
+        """Items for ``keys``, in the same order; keys that are gone are left out."""
+        if len(keys) == 0:
+            return []
+        wanted = [int(k) for k in keys]
+        by_key: dict[int, CatalogItem] = {}
+        with self._lock:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                rows = self._conn.execute(
+                    f"SELECT {_ITEM_COLUMNS} FROM items WHERE key IN "
+                    f"({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                for row in rows:
+                    by_key[row[0]] = _item_from_row(row)
+        return [by_key[k] for k in wanted if k in by_key]
+
+    def item(self, item_id: str) -> CatalogItem | None:
+        key = self.key_for_id(item_id)
+        if key is None:
+            return None
+        found = self.items([key])
+        return found[0] if found else None
+
+    def iter_items(self, batch: int = 1000) -> Iterable[CatalogItem]:
+        """Every item, by key order, read in batches (for exports and vocabulary building)."""
+        last = -1
+        while True:
+            with self._lock:
+                rows = self._conn.execute(
+                    f"SELECT {_ITEM_COLUMNS} FROM items WHERE key > ? ORDER BY key LIMIT ?",
+                    (last, batch),
+                ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _item_from_row(row)
+            last = rows[-1][0]
+
+    def keys_with_tags(self, tags: Iterable[str]) -> Keys:
+        """Keys of items carrying any of ``tags`` (lower-case)."""
+        wanted = sorted({t.strip().lower() for t in tags if t.strip()})
+        if not wanted:
+            return np.zeros(0, dtype=np.int64)
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT DISTINCT key FROM item_tags WHERE tag IN ({','.join('?' * len(wanted))})",
+                wanted,
+            ).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def search(
+        self,
+        space: str,
+        queries: NDArray[np.float32],
+        k: int,
+        *,
+        allowed: NDArray[np.bool_] | None = None,
+        exclude: Sequence[int] | set[int] = (),
+    ) -> tuple[NDArray[np.float32], Keys]:
+        """k-NN in ``space``; see :meth:`VectorIndex.search` for shapes and filters."""
+        return self._index(space).search(queries, k, allowed=allowed, exclude=exclude)
+
+    def vectors(self, space: str, keys: Sequence[int] | Keys) -> NDArray[np.float32]:
+        """Stored vectors of ``keys`` in ``space``: float32 (n, dim), L2-normalised."""
+        return self._index(space).vectors(np.asarray(keys, dtype=np.int64))
+
+    # -- internals ------------------------------------------------------------------------
+    def _index(self, space: str) -> VectorIndex:
+        try:
+            return self.indexes[space]
+        except KeyError:
+            raise CatalogError(
+                f"This catalog has no {space!r} space (it has {', '.join(self.spaces)}). "
+                "Rebuild it with a profile that includes it, e.g. `--profile default`."
+            ) from None
+
+    def _scalar(self, sql: str) -> int:
+        with self._lock:
+            return int(self._conn.execute(sql).fetchone()[0])
+
+    def _bump_generation(self) -> None:
+        self._conn.execute("UPDATE state SET value = value + 1 WHERE name = 'generation'")
+
+    def _upsert_item(self, item: NewItem, now: float) -> int:
+        values = _record_values(item.record)
+        values.update(
+            file=item.file,
+            content_hash=item.content_hash,
+            file_size=item.file_size,
+            file_mtime_ns=item.file_mtime_ns,
+            width=item.width,
+            height=item.height,
+            source=item.source,
+        )
+        if item.extra_meta:
+            values["meta"] = json.dumps({**item.record.meta, **item.extra_meta}, default=str)
+        row = self._conn.execute("SELECT key FROM items WHERE id = ?", (item.record.id,)).fetchone()
+        if row is not None:
+            key = int(row[0])
+            self._conn.execute(
+                f"UPDATE items SET {', '.join(f'{c} = ?' for c in values)} WHERE key = ?",
+                (*values.values(), key),
+            )
+        else:
+            columns = ["id", *values, "added_at"]
+            cursor = self._conn.execute(
+                f"INSERT INTO items ({', '.join(columns)}) VALUES "
+                f"({', '.join('?' * len(columns))})",
+                (item.record.id, *values.values(), now),
+            )
+            key = int(cursor.lastrowid or 0)
+        self._conn.execute("DELETE FROM skipped WHERE file = ?", (item.file,))
+        self._set_tags(key, item.record.tags)
+        return key
+
+    def _set_tags(self, key: int, tags: Sequence[str]) -> None:
+        self._conn.execute("DELETE FROM item_tags WHERE key = ?", (key,))
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO item_tags (tag, key) VALUES (?, ?)",
+            ((tag, key) for tag in tags),
+        )
+
+    def _load_columns(self) -> None:
+        with self._lock:
+            for key, level, base_model in self._conn.execute(
+                "SELECT key, nsfw_level, base_model FROM items"
+            ):
+                self.columns.set(key, level, base_model)
+
+    def _load_indexes(self) -> None:
+        generation = self.generation()
+        for space, entry in self.manifest["encoders"].items():
+            info = self.manifest["spaces"].get(space, {})
+            path = self.path / INDEX_DIR / f"{space}.faiss"
+            index: VectorIndex | None = None
+            if info.get("generation") == generation and path.exists():
+                try:
+                    index = VectorIndex.load(path, int(entry["dim"]), info, self.policy)
+                except (RuntimeError, ValueError, OSError) as exc:
+                    log.warning("FAISS index %s unreadable (%s); rebuilding from SQLite", path, exc)
+            if index is not None and len(index) != self._vector_count(space):
+                log.warning("FAISS index %s out of step with SQLite; rebuilding", path)
+                index = None
+            if index is None:
+                self.indexes[space] = VectorIndex(int(entry["dim"]), self.policy)
+                self._rebuild_space(space)
+                self._dirty.add(space)
+            else:
+                self.indexes[space] = index
+        if self._dirty:
+            self.checkpoint()
+
+    def _vector_count(self, space: str) -> int:
+        with self._lock:
+            row = self._conn.execute("SELECT COUNT(*) FROM vectors WHERE space = ?", (space,))
+            return int(row.fetchone()[0])
+
+    def _rebuild_space(self, space: str) -> None:
+        """Rebuild a space's FAISS index from the vectors stored in SQLite."""
+        index = self.indexes[space]
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT key, vec FROM vectors WHERE space = ? ORDER BY key", (space,)
+            ).fetchall()
+        keys = np.array([r[0] for r in rows], dtype=np.int64)
+        vectors = np.zeros((len(rows), index.dim), dtype=np.float32)
+        for i, (_, blob) in enumerate(rows):
+            vectors[i] = np.frombuffer(blob, dtype=np.float32)
+        log.info("building the %s index over %d vectors", space, len(keys))
+        index.rebuild(keys, vectors)
+
+
+_ITEM_COLUMNS = (
+    "key, id, file, content_hash, width, height, prompt, negative_prompt, tags, nsfw_level, "
+    "base_model, model_name, created_at, username, url, stats, meta, source"
+)
+
+
+def _item_from_row(row: Sequence[Any]) -> CatalogItem:
+    return CatalogItem(
+        key=row[0],
+        id=row[1],
+        file=row[2],
+        content_hash=row[3],
+        width=row[4],
+        height=row[5],
+        prompt=row[6],
+        negative_prompt=row[7],
+        tags=tuple(json.loads(row[8])),
+        nsfw_level=row[9],
+        base_model=row[10],
+        model_name=row[11],
+        created_at=row[12],
+        username=row[13],
+        url=row[14],
+        stats=json.loads(row[15]),
+        meta=json.loads(row[16]),
+        source=row[17],
+    )
+
+
+def _record_values(record: DumpRecord) -> dict[str, Any]:
+    """The metadata columns a dump record fills (not the file columns)."""
+    return {
+        "prompt": record.prompt,
+        "negative_prompt": record.negative_prompt,
+        "tags": json.dumps(list(record.tags)),
+        "nsfw_level": record.nsfw_level,
+        "base_model": record.base_model,
+        "model_name": record.model_name,
+        "created_at": record.created_at,
+        "username": record.username,
+        "url": record.url,
+        "stats": json.dumps(record.stats, sort_keys=True, default=str),
+        "meta": json.dumps(record.meta, sort_keys=True, default=str),
+    }
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA busy_timeout = 10000")
+        _migrate(conn)
+    except sqlite3.DatabaseError as exc:
+        raise CatalogError(f"Cannot open catalog database {path}: {exc}") from exc
+    conn.isolation_level = "DEFERRED"  # `with conn:` now wraps each write in a transaction
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    done = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    for number, (name, sql) in enumerate(MIGRATIONS[done:], start=done + 1):
+        log.debug("catalog migration %d: %s", number, name)
+        conn.executescript(f"BEGIN;\n{sql}\nPRAGMA user_version = {number};\nCOMMIT;")
+
+
+def _check_encoders(
+    path: Path, recorded: Mapping[str, Mapping[str, Any]], expected: Mapping[str, EncoderSpec]
+) -> None:
+    wanted = {space: encoder_entry(spec) for space, spec in expected.items()}
+    if dict(recorded) == wanted:
+        return
+    lines = []
+    for space in sorted(set(recorded) | set(wanted)):
+        have, want = recorded.get(space), wanted.get(space)
+        if have != want:
+            lines.append(f"  {space}: catalog has {_describe(have)}, asked for {_describe(want)}")
+    raise EncoderMismatchError(
+        f"The catalog at {path} was built with other encoders:\n"
+        + "\n".join(lines)
+        + "\nUse the profile and models it was built with, or index into a new --catalog."
+    )
+
+
+def _describe(entry: Mapping[str, Any] | None) -> str:
+    if entry is None:
+        return "no such space"
+    return f"{entry['name']} ({entry['model']}@{entry['revision']}, dim {entry['dim']})"

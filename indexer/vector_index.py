@@ -1,0 +1,247 @@
+"""One FAISS index per embedding space, keyed by the catalog's integer item keys.
+
+Vectors are L2-normalised, so inner product is cosine similarity. Small spaces use an exact
+flat index; past ``exact_limit`` vectors an IVF index is trained and its ``nprobe`` is tuned on
+held-out queries until recall@k against exact search reaches the target.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+from numpy.typing import NDArray
+
+from indexer.storage import atomic_write
+
+log = logging.getLogger(__name__)
+
+Keys = NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class IndexPolicy:
+    """How the index type is chosen for a space's size."""
+
+    exact_limit: int = 100_000
+    recall_target: float = 0.95
+    recall_k: int = 100
+    tuning_queries: int = 200
+    train_points_per_list: int = 40
+    use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What the manifest records about a space's index."""
+
+    kind: str
+    count: int
+    nprobe: int | None = None
+    measured_recall: float | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "index": self.kind,
+            "count": self.count,
+            "nprobe": self.nprobe,
+            "measured_recall": self.measured_recall,
+        }
+
+
+class VectorIndex:
+    """A FAISS index over (key, vector) pairs with filtered search and atomic persistence."""
+
+    def __init__(self, dim: int, policy: IndexPolicy | None = None) -> None:
+        self.dim = dim
+        self.policy = policy or IndexPolicy()
+        self._index: faiss.Index = _flat(dim)
+        self._kind = "Flat"
+        self._nprobe: int | None = None
+        self._recall: float | None = None
+        self._lock = threading.RLock()
+
+    # -- size and description -------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def info(self) -> IndexInfo:
+        return IndexInfo(self._kind, len(self), self._nprobe, self._recall)
+
+    # -- mutation -------------------------------------------------------------------------
+    def add(self, keys: Keys, vectors: NDArray[np.float32]) -> None:
+        """Add or replace rows. ``vectors`` is float32 (n, dim), L2-normalised."""
+        if len(keys) == 0:
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        with self._lock:
+            self._index.remove_ids(keys)
+            self._index.add_with_ids(vectors, keys)
+
+    def remove(self, keys: Collection[int]) -> int:
+        if not keys:
+            return 0
+        with self._lock:
+            return int(self._index.remove_ids(np.fromiter(keys, dtype=np.int64)))
+
+    def rebuild(self, keys: Keys, vectors: NDArray[np.float32]) -> None:
+        """Replace the whole index with these rows, choosing the index type for their number."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        n = len(keys)
+        if n <= self.policy.exact_limit:
+            index, kind, nprobe, recall = _flat(self.dim), "Flat", None, None
+            index.add_with_ids(vectors, keys)
+        else:
+            index, kind, nprobe, recall = self._build_ivf(keys, vectors)
+        with self._lock:
+            self._index, self._kind, self._nprobe, self._recall = index, kind, nprobe, recall
+
+    def needs_retype(self) -> bool:
+        """True when the space outgrew (or shrank below) the index type it has."""
+        want_ivf = len(self) > self.policy.exact_limit
+        return want_ivf != self._kind.startswith("IVF")
+
+    # -- reading --------------------------------------------------------------------------
+    def search(
+        self,
+        queries: NDArray[np.float32],
+        k: int,
+        *,
+        allowed: NDArray[np.bool_] | None = None,
+        exclude: Collection[int] = (),
+    ) -> tuple[NDArray[np.float32], Keys]:
+        """k-NN by cosine. ``queries`` float32 (q, dim). Returns scores (q, k) and keys (q, k).
+
+        ``allowed`` is a boolean mask indexed by key (keys past its end are not allowed);
+        ``exclude`` lists keys never to return. Missing results have key -1.
+        """
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        k = max(1, min(k, max(len(self), 1)))
+        selector, keep_alive = _selector(allowed, exclude)
+        params = self._params(selector)
+        with self._lock:
+            scores, keys = self._index.search(queries, k, params=params)
+        del keep_alive
+        return scores.astype(np.float32, copy=False), keys.astype(np.int64, copy=False)
+
+    def vectors(self, keys: Keys) -> NDArray[np.float32]:
+        """Stored vectors for ``keys`` (all must be present): float32 (n, dim)."""
+        if len(keys) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._lock:
+            return np.asarray(
+                self._index.reconstruct_batch(np.ascontiguousarray(keys, dtype=np.int64)),
+                dtype=np.float32,
+            )
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        with self._lock:
+            data = faiss.serialize_index(self._index)
+        atomic_write(path, lambda tmp: tmp.write_bytes(data.tobytes()))
+
+    @classmethod
+    def load(
+        cls, path: Path, dim: int, info: dict[str, object], policy: IndexPolicy
+    ) -> VectorIndex:
+        self = cls(dim, policy)
+        index = faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+        if index.d != dim:
+            raise ValueError(f"{path} holds {index.d}-d vectors, expected {dim}")
+        if isinstance(index, faiss.IndexIVF):
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        self._index = index
+        self._kind = str(info.get("index", "Flat"))
+        nprobe = info.get("nprobe")
+        self._nprobe = int(nprobe) if isinstance(nprobe, int | float) else None
+        recall = info.get("measured_recall")
+        self._recall = float(recall) if isinstance(recall, int | float) else None
+        return self
+
+    # -- internals ------------------------------------------------------------------------
+    def _params(self, selector: faiss.IDSelector | None) -> faiss.SearchParameters | None:
+        if self._nprobe is not None:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = self._nprobe
+            if selector is not None:
+                params.sel = selector
+            return params
+        if selector is None:
+            return None
+        return faiss.SearchParameters(sel=selector)
+
+    def _build_ivf(
+        self, keys: Keys, vectors: NDArray[np.float32]
+    ) -> tuple[faiss.Index, str, int, float]:
+        n = len(keys)
+        nlist = max(16, int(math.sqrt(n)))
+        kind = f"IVF{nlist},Flat"
+        rng = np.random.default_rng(0)
+        train_n = min(n, nlist * self.policy.train_points_per_list)
+        train = vectors[rng.choice(n, size=train_n, replace=False)]
+        index = faiss.index_factory(self.dim, kind, faiss.METRIC_INNER_PRODUCT)
+        log.info("training %s on %d of %d vectors", kind, train_n, n)
+        index.train(train)
+        index.add_with_ids(vectors, keys)
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        nprobe, recall = _tune_nprobe(index, keys, vectors, self.policy, rng)
+        log.info("%s: nprobe=%d gives recall@%d=%.3f", kind, nprobe, self.policy.recall_k, recall)
+        return index, kind, nprobe, recall
+
+
+def _flat(dim: int) -> faiss.Index:
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def _selector(
+    allowed: NDArray[np.bool_] | None, exclude: Collection[int]
+) -> tuple[faiss.IDSelector | None, list[object]]:
+    """Build a FAISS selector; the second value keeps the arrays it points into alive."""
+    if allowed is not None:
+        mask = np.array(allowed, dtype=bool, copy=True)
+        if exclude:
+            ex = np.fromiter(exclude, dtype=np.int64)
+            mask[ex[(ex >= 0) & (ex < len(mask))]] = False
+        bits = np.packbits(mask, bitorder="little")
+        return faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)), [bits]
+    if exclude:
+        batch = faiss.IDSelectorBatch(np.fromiter(exclude, dtype=np.int64))
+        return faiss.IDSelectorNot(batch), [batch]
+    return None, []
+
+
+def _tune_nprobe(
+    index: faiss.Index,
+    keys: Keys,
+    vectors: NDArray[np.float32],
+    policy: IndexPolicy,
+    rng: np.random.Generator,
+) -> tuple[int, float]:
+    """Smallest power-of-two nprobe whose recall@k on sample queries meets the target."""
+    n = len(vectors)
+    queries = vectors[rng.choice(n, size=min(policy.tuning_queries, n), replace=False)]
+    k = min(policy.recall_k, n)
+    exact = faiss.IndexFlatIP(index.d)
+    exact.add(vectors)
+    _, truth_rows = exact.search(queries, k)
+    truth = [set(keys[row].tolist()) for row in truth_rows]
+    nprobe, recall = 1, 0.0
+    while True:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = nprobe
+        _, found = index.search(queries, k, params=params)
+        recall = float(
+            np.mean([len(t & set(f.tolist())) / k for t, f in zip(truth, found, strict=True)])
+        )
+        if recall >= policy.recall_target or nprobe >= index.nlist:
+            return nprobe, recall
+        nprobe = min(nprobe * 2, index.nlist)

@@ -1,0 +1,50 @@
+"""Array aliases shared by the recommender's pure policies."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from indexer.encoders.base import Vectors
+
+Vector = NDArray[np.float32]
+"""float32 array of shape (d,); L2-normalised unless a docstring says otherwise."""
+
+Scores = NDArray[np.float32]
+"""float32 array of shape (n,), one score per candidate or per shown item."""
+
+Indices = NDArray[np.int64]
+"""int64 array of shape (n,): positions into a candidate array."""
+
+__all__ = ["Indices", "Scores", "Vector", "Vectors", "unit", "as_rows"]
+
+
+def unit(x: NDArray[np.floating], fallback: NDArray[np.floating] | None = None) -> Vector:
+    """L2-normalise a (d,) vector to float32; a zero (or non-finite) vector gives ``fallback``.
+
+    ``fallback`` is returned normalised too; without one, a zero vector stays zero.
+    """
+    v = np.asarray(x, dtype=np.float64).reshape(-1)
+    norm = float(np.linalg.norm(v)) if np.all(np.isfinite(v)) else 0.0
+    if norm > 1e-12:
+        return (v / norm).astype(np.float32)
+    if fallback is not None:
+        return unit(fallback)
+    return np.zeros(v.shape, dtype=np.float32)
+
+
+def as_rows(items: NDArray[np.floating], dim: int | None = None) -> NDArray[np.float64]:
+    """Items as a float64 (m, d) array with L2-normalised rows; zero / non-finite rows become zero.
+
+    A (d,) input is one row. ``dim`` checks the width when given.
+    """
+    x = np.asarray(items, dtype=np.float64)
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    if x.ndim != 2:
+        raise ValueError(f"expected (m, d) item vectors, got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"expected item vectors of width {dim}, got {x.shape[1]}")
+    x = np.where(np.isfinite(x), x, 0.0)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 1e-12)

@@ -1,0 +1,168 @@
+"""The `lookalike` command line. Errors are translated into messages and exit codes here only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from indexer.errors import LookalikeError
+from service.settings import Settings
+
+log = logging.getLogger("lookalike")
+
+app = typer.Typer(
+    name="lookalike",
+    help="Self-hostable image recommender: index a dump, then serve 'more like this' feeds.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+CatalogOption = Annotated[
+    Path | None,
+    typer.Option("--catalog", "-c", help="Catalog directory [env LOOKALIKE_CATALOG]"),
+]
+ProfileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--profile",
+        help="Encoder profile: 'default' (DINOv2 + CLIP + MiniLM, real weights) or "
+        "'offline' (weight-free pixels descriptor + packaged MiniLM) [env LOOKALIKE_PROFILE]",
+    ),
+]
+
+
+@app.callback()
+def root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens")] = False,
+) -> None:
+    """Configure logging once for every command."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def settings_from(**given: Any) -> Settings:
+    """Environment settings, overridden by the options actually given on the command line."""
+    return Settings(**{k: v for k, v in given.items() if v is not None})
+
+
+@app.command("sample-dump")
+def sample_dump(
+    out: Annotated[Path, typer.Argument(help="Directory to write the dump into")],
+    count: Annotated[int, typer.Option(help="Number of images")] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes)")] = 0,
+) -> None:
+    """Write a deterministic civitai-style sample dump (with truth.jsonl for benchmarks)."""
+    from indexer.sample_dump import write_sample_dump
+
+    summary = write_sample_dump(out, count=count, seed=seed)
+    typer.echo(f"wrote {summary} to {out}")
+
+
+@app.command()
+def index(
+    dump: Annotated[Path, typer.Argument(help="Dump directory (civitai JSON, sidecars, images)")],
+    catalog: CatalogOption = None,
+    profile: ProfileOption = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default auto)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32 or bf16")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per encoder batch")] = None,
+    shard: Annotated[str | None, typer.Option(help="Index only shard I/N of the dump")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
+) -> None:
+    """Index new or changed images of DUMP into the catalog (resumable, incremental)."""
+    from indexer.build import open_for_indexing
+    from indexer.pipeline import PipelineConfig, Shard, index_dump
+
+    settings = settings_from(
+        catalog=catalog, profile=profile, device=device, dtype=dtype, batch_size=batch_size
+    )
+    if not dump.is_dir():
+        raise LookalikeError(f"Dump directory {dump} does not exist.")
+    cat, encoders = open_for_indexing(
+        settings.catalog,
+        profile=settings.profile
+        if profile is not None or "LOOKALIKE_PROFILE" in os.environ
+        else None,
+        overrides=settings.model_overrides(),
+        device=settings.device,
+        dtype=settings.dtype,
+    )
+    config = PipelineConfig(
+        batch_size=settings.batch_size,
+        decode_workers=settings.decode_workers,
+        progress=not no_progress and sys.stderr.isatty(),
+        shard=Shard.parse(shard) if shard else None,
+    )
+    with cat:
+        report = index_dump(dump, cat, encoders, config)
+    if json_out:
+        typer.echo(json.dumps(report.to_json()))
+    else:
+        typer.echo(report.summary())
+
+
+@app.command()
+def info(
+    catalog: CatalogOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Describe a catalog: items, spaces, index types, encoders."""
+    from indexer.catalog import Catalog
+
+    settings = settings_from(catalog=catalog)
+    with Catalog.open(settings.catalog) as cat:
+        summary = cat.info()
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(f"catalog {summary['path']}: {summary['items']} items")
+    for space, s in summary["spaces"].items():
+        enc = summary["encoders"][space]
+        typer.echo(
+            f"  {space:<7} {s['count']:>9} vectors  dim {s['dim']:<4} {s['index']:<16} "
+            f"{enc['name']} ({enc['model']})"
+        )
+    typer.echo(f"  duplicates {summary['duplicates']}, skipped {sum(summary['skipped'].values())}")
+
+
+@app.command()
+def delete(
+    ids: Annotated[list[str], typer.Argument(help="Item ids to delete")],
+    catalog: CatalogOption = None,
+) -> None:
+    """Delete items from the catalog (SQLite rows and every FAISS index)."""
+    from indexer.catalog import Catalog
+
+    settings = settings_from(catalog=catalog)
+    with Catalog.open(settings.catalog) as cat:
+        deleted = cat.delete(ids)
+    missing = sorted(set(ids) - set(deleted))
+    typer.echo(
+        f"deleted {len(deleted)}" + (f"; not found: {', '.join(missing)}" if missing else "")
+    )
+    if missing and not deleted:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: run a command, translating domain errors into a message and exit code 2."""
+    try:
+        app()
+    except LookalikeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The catalog on its own: vectors made up in the test, no encoders, no images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.catalog import DATABASE, INDEX_DIR, MANIFEST, Catalog, NewItem
+from indexer.encoders.base import EncoderSpec, l2_normalise
+from indexer.errors import CatalogError, EncoderMismatchError
+from indexer.records import DumpRecord
+from indexer.vector_index import IndexPolicy
+
+DIM = 16
+SPECS = {
+    "visual": EncoderSpec("fake-visual", "fake", "visual", "fake/visual", DIM, "v1"),
+    "text": EncoderSpec("fake-text", "fake", "text", "fake/text", 8, "v1"),
+}
+
+
+def make_items(start: int, count: int, rng: np.random.Generator) -> tuple[list[NewItem], dict]:
+    items = [
+        NewItem(
+            record=DumpRecord(
+                id=str(i),
+                image_path=Path(f"/dump/{i}.png"),
+                prompt=f"prompt {i}",
+                tags=("red",) if i % 2 == 0 else ("blue", "circle"),
+                nsfw_level=i % 4,
+                base_model="SDXL 1.0" if i % 3 == 0 else "SD 1.5",
+            ),
+            file=f"/dump/{i}.png",
+            content_hash=f"hash{i}",
+            file_size=100 + i,
+            file_mtime_ns=i,
+            width=64,
+            height=64,
+        )
+        for i in range(start, start + count)
+    ]
+    vectors = {
+        "visual": l2_normalise(rng.normal(size=(count, DIM))),
+        "text": l2_normalise(rng.normal(size=(count, 8))),
+    }
+    return items, vectors
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    cat = Catalog.create_or_open(tmp_path / "cat", SPECS)
+    items, vectors = make_items(0, 40, np.random.default_rng(0))
+    cat.add(items, vectors)
+    cat.checkpoint()
+    return cat
+
+
+def test_search_finds_an_items_own_vector_first(catalog: Catalog) -> None:
+    key = catalog.key_for_id("7")
+    assert key is not None
+    query = catalog.vectors("visual", [key])
+    scores, keys = catalog.search("visual", query, 5)
+    assert keys[0, 0] == key
+    assert scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert np.all(np.diff(scores[0]) <= 1e-6)
+
+
+def test_search_respects_allowed_mask_and_exclusions(catalog: Catalog) -> None:
+    allowed = catalog.columns.live & (catalog.columns.nsfw_level <= 1)
+    query = catalog.vectors("visual", [catalog.key_for_id("3")])
+    excluded = {int(catalog.key_for_id("4") or 0), int(catalog.key_for_id("5") or 0)}
+    _, keys = catalog.search("visual", query, 40, allowed=allowed, exclude=excluded)
+    found = [k for k in keys[0] if k >= 0]
+    items = catalog.items(found)
+    assert items and all(item.nsfw_level <= 1 for item in items)
+    assert not excluded & set(found)
+    assert len(found) == int(allowed.sum()) - len(excluded & set(np.flatnonzero(allowed)))
+
+
+def test_items_round_trip_metadata_in_requested_order(catalog: Catalog) -> None:
+    keys = [catalog.key_for_id(i) for i in ("9", "2")]
+    items = catalog.items([k for k in keys if k is not None])
+    assert [item.id for item in items] == ["9", "2"]
+    assert items[1].tags == ("red",) and items[0].tags == ("blue", "circle")
+    assert items[0].base_model == "SDXL 1.0" and items[0].nsfw_name == "Soft"
+    assert sorted(catalog.keys_with_tags(["circle"]).tolist()) == sorted(
+        k for k in (catalog.key_for_id(str(i)) for i in range(1, 40, 2)) if k is not None
+    )
+
+
+def test_delete_removes_rows_and_vectors_and_survives_reopen(catalog: Catalog) -> None:
+    assert catalog.delete(["1", "2", "nope"]) == ["1", "2"]
+    assert catalog.item("1") is None
+    assert len(catalog) == 38
+    assert all(len(index) == 38 for index in catalog.indexes.values())
+    path = catalog.path
+    catalog.close()
+    with Catalog.open(path, expected=SPECS) as reopened:
+        assert len(reopened) == 38
+        assert reopened.item("1") is None and reopened.item("3") is not None
+        assert all(len(index) == 38 for index in reopened.indexes.values())
+
+
+def test_reopen_with_other_encoders_is_refused(catalog: Catalog) -> None:
+    catalog.close()
+    other = dict(SPECS, visual=EncoderSpec("dinov2", "dinov2", "visual", "x", 384, "main"))
+    with pytest.raises(EncoderMismatchError, match="visual: catalog has fake-visual"):
+        Catalog.open(catalog.path, expected=other)
+
+
+def test_stale_faiss_snapshot_is_rebuilt_from_sqlite(tmp_path: Path) -> None:
+    cat = Catalog.create_or_open(tmp_path / "cat", SPECS)
+    items, vectors = make_items(0, 10, np.random.default_rng(1))
+    cat.add(items, vectors)
+    cat.checkpoint()
+    # A crash after a committed batch but before the next checkpoint.
+    more, more_vectors = make_items(10, 5, np.random.default_rng(2))
+    cat.add(more, more_vectors)
+    cat.close()
+    with Catalog.open(tmp_path / "cat") as reopened:
+        assert len(reopened) == 15
+        assert len(reopened.indexes["visual"]) == 15
+        key = reopened.key_for_id("12")
+        assert key is not None
+        np.testing.assert_allclose(
+            reopened.vectors("visual", [key])[0], more_vectors["visual"][2], atol=1e-6
+        )
+        manifest = json.loads((tmp_path / "cat" / MANIFEST).read_text())
+        assert manifest["spaces"]["visual"]["generation"] == reopened.generation()
+
+
+def test_corrupt_faiss_file_is_rebuilt(catalog: Catalog) -> None:
+    catalog.close()
+    (catalog.path / INDEX_DIR / "visual.faiss").write_bytes(b"garbage")
+    with Catalog.open(catalog.path) as reopened:
+        assert len(reopened.indexes["visual"]) == 40
+
+
+def test_missing_catalog_and_corrupt_manifest_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(CatalogError, match="lookalike index"):
+        Catalog.open(tmp_path / "nothing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / MANIFEST).write_text("{not json")
+    with pytest.raises(CatalogError, match="Cannot read"):
+        Catalog.open(tmp_path / "bad")
+
+
+def test_replacing_an_id_keeps_its_key(catalog: Catalog) -> None:
+    key = catalog.key_for_id("5")
+    items, vectors = make_items(5, 1, np.random.default_rng(9))
+    assert catalog.add(items, vectors).tolist() == [key]
+    assert len(catalog) == 40 and len(catalog.indexes["visual"]) == 40
+
+
+def test_feedback_is_idempotent_by_event_id(catalog: Catalog) -> None:
+    events = [("e1", "3", 1200.0), ("e2", "4", 300.0)]
+    fresh, dupes = catalog.record_feedback("s1", None, events)
+    assert fresh == [0, 1] and dupes == 0
+    fresh, dupes = catalog.record_feedback("s1", None, [("e2", "4", 300.0), ("e3", "5", 10.0)])
+    assert fresh == [1] and dupes == 1
+    assert [row[2] for row in catalog.feedback_rows()] == ["3", "4", "5"]
+
+
+def test_large_space_switches_to_ivf_meeting_its_recall_target(tmp_path: Path) -> None:
+    policy = IndexPolicy(exact_limit=500, recall_target=0.9, recall_k=20, tuning_queries=50)
+    cat = Catalog.create_or_open(tmp_path / "cat", SPECS, policy=policy)
+    rng = np.random.default_rng(3)
+    # Clustered data, as real embeddings are, so IVF has structure to exploit.
+    centres = l2_normalise(rng.normal(size=(20, DIM)))
+    for start in range(0, 2000, 500):
+        items, vectors = make_items(start, 500, rng)
+        vectors["visual"] = l2_normalise(
+            centres[rng.integers(0, 20, 500)] + 0.3 * rng.normal(size=(500, DIM))
+        )
+        cat.add(items, vectors)
+    cat.checkpoint()
+    info = cat.info()["spaces"]["visual"]
+    assert info["index"].startswith("IVF") and info["count"] == 2000
+    assert info["measured_recall"] >= 0.9
+    cat.close()
+    with Catalog.open(tmp_path / "cat", policy=policy) as reopened:
+        assert reopened.info()["spaces"]["visual"]["index"] == info["index"]
+        query = reopened.vectors("visual", [reopened.key_for_id("42")])
+        _, keys = reopened.search("visual", query, 10, exclude={reopened.key_for_id("42")})
+        assert reopened.key_for_id("42") not in keys[0].tolist()
+        assert (keys[0] >= 0).all()
+
+
+def test_crash_before_first_manifest_starts_afresh(tmp_path: Path) -> None:
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / DATABASE).write_bytes(b"half-written")
+    cat = Catalog.create_or_open(tmp_path / "cat", SPECS)
+    assert len(cat) == 0
