@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -580,7 +580,7 @@ class Catalog:
         k: int,
         *,
         allowed: NDArray[np.bool_] | None = None,
-        exclude: Sequence[int] | set[int] = (),
+        exclude: Collection[int] = (),
     ) -> tuple[NDArray[np.float32], Keys]:
         """k-NN in ``space``; see :meth:`VectorIndex.search` for shapes and filters."""
         return self._index(space).search(queries, k, allowed=allowed, exclude=exclude)

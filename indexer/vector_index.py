@@ -127,9 +127,18 @@ class VectorIndex:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(k, max(len(self), 1)))
         selector, keep_alive = _selector(allowed, exclude)
-        params = self._params(selector)
-        with self._lock:
-            scores, keys = self._index.search(queries, k, params=params)
+        if len(queries) < 16:
+            # Waking OpenMP workers costs more than a few queries take; this only sets the
+            # calling thread's team size, so concurrent requests still use every core.
+            faiss.omp_set_num_threads(1)
+        nprobe = self._nprobe
+        while True:
+            with self._lock:
+                scores, keys = self._index.search(queries, k, params=self._params(selector, nprobe))
+            # A tight filter can empty the probed IVF lists: probe more before coming back short.
+            if nprobe is None or selector is None or (keys >= 0).all() or nprobe >= self._nlist():
+                break
+            nprobe = min(nprobe * 4, self._nlist())
         del keep_alive
         return scores.astype(np.float32, copy=False), keys.astype(np.int64, copy=False)
 
@@ -168,10 +177,15 @@ class VectorIndex:
         return self
 
     # -- internals ------------------------------------------------------------------------
-    def _params(self, selector: faiss.IDSelector | None) -> faiss.SearchParameters | None:
-        if self._nprobe is not None:
+    def _nlist(self) -> int:
+        return int(getattr(self._index, "nlist", 1))
+
+    def _params(
+        self, selector: faiss.IDSelector | None, nprobe: int | None
+    ) -> faiss.SearchParameters | None:
+        if nprobe is not None:
             params = faiss.SearchParametersIVF()
-            params.nprobe = self._nprobe
+            params.nprobe = nprobe
             if selector is not None:
                 params.sel = selector
             return params

@@ -1,4 +1,4 @@
-"""Domain errors of the recommender. Only the service and the CLI turn them into HTTP / exit codes."""
+"""Domain errors of the recommender; only the service and the CLI map them to HTTP / exit codes."""
 
 from __future__ import annotations
 
@@ -24,3 +24,15 @@ class UnknownStrategyError(RecommenderError):
         super().__init__(f"unknown steering strategy {name!r}; valid: {', '.join(valid)}")
         self.name = name
         self.valid = valid
+
+
+class UnknownItemError(RecommenderError):
+    """No item in the catalog has this id."""
+
+    def __init__(self, image_id: str) -> None:
+        super().__init__(f"unknown image id: {image_id!r}")
+        self.image_id = image_id
+
+
+class UnsupportedQueryError(RecommenderError):
+    """The query needs something this catalog lacks (e.g. a CLIP space for an embedding)."""

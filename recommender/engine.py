@@ -1,0 +1,472 @@
+"""The facade the service calls: search, feed, feedback, sessions — over one catalog.
+
+A page is built in four steps: retrieve the k nearest unseen items in the session's primary
+space (steered query, metadata filters), re-rank them with prompt / tag / CLIP similarity
+against the session's local vocabulary, pick 15 top matches plus 5 exploration picks, and
+remember what was served so that the scroll never repeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from indexer.build import create_encoders, recorded_specs
+from indexer.catalog import Catalog, CatalogItem
+from indexer.encoders.base import Encoder
+from indexer.images import ImageLimits, decode_image, read_embedded_metadata
+from recommender.api import (
+    FeedbackEvent,
+    FeedbackResult,
+    ImageQuery,
+    ItemQuery,
+    Neighbour,
+    Page,
+    PageItem,
+    Query,
+    SessionInfo,
+)
+from recommender.errors import UnknownItemError, UnsupportedQueryError
+from recommender.explore import ExploreConfig, Pick, make_page
+from recommender.feedback import Steerer, SteeringConfig, make_steerer, score_dwell
+from recommender.rerank import RerankConfig, prompt_terms, rerank
+from recommender.retrieve import Candidates, Filters, retrieve
+from recommender.sessions import FeedbackEvent as StoredEvent
+from recommender.sessions import Served, Session, SessionConfig, SessionStore
+from recommender.types import Vector, unit
+
+log = logging.getLogger(__name__)
+
+# Spaces whose vectors come from images (a text query can only reach these through CLIP).
+IMAGE_SPACES = ("visual", "clip")
+
+
+class Generator(Protocol):
+    """Makes new images near a session's steered query when the catalog runs dry there."""
+
+    def request(self, session: Session, engine: Engine) -> bool:
+        """Queue generation for ``session``; True when a job is (now) pending."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Recommendation knobs. ``similarity_floor`` is the cosine to the session's original
+    query below which a candidate no longer counts as "near" (for the sparse signal)."""
+
+    k: int = 100
+    explore: ExploreConfig = field(default_factory=ExploreConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
+    sessions: SessionConfig = field(default_factory=SessionConfig)
+    similarity_floor: float = 0.35
+    upload_limits: ImageLimits = field(
+        default_factory=lambda: ImageLimits(max_bytes=20 * 2**20, max_pixels=40_000_000)
+    )
+    max_page: int = 100
+
+    @property
+    def page_size(self) -> int:
+        return self.explore.page_size
+
+
+class Engine:
+    """Recommendation over one catalog. Thread-safe: each session has its own lock."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        encoders: Mapping[str, Encoder],
+        config: EngineConfig | None = None,
+        *,
+        generator: Generator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.encoders = dict(encoders)
+        self.config = config or EngineConfig()
+        self.generator = generator
+        self.sessions = SessionStore(self.config.sessions, clock=clock)
+        self.steerer: Steerer = make_steerer(self.config.steering)
+        self._seed = np.random.SeedSequence(seed)
+        self._clock = clock
+
+    @classmethod
+    def from_catalog(
+        cls,
+        path: Path,
+        *,
+        device: str | None = None,
+        dtype: str = "fp32",
+        config: EngineConfig | None = None,
+        generator: Generator | None = None,
+        seed: int | None = None,
+    ) -> Engine:
+        """Open the catalog at ``path`` with the encoders its manifest records."""
+        catalog = Catalog.open(path)
+        specs = recorded_specs(path) or {}
+        return cls(
+            catalog,
+            create_encoders(specs, device, dtype),
+            config,
+            generator=generator,
+            seed=seed,
+        )
+
+    # -- description ----------------------------------------------------------------------
+    @property
+    def spaces(self) -> tuple[str, ...]:
+        return self.catalog.spaces
+
+    @property
+    def primary_space(self) -> str:
+        return "visual" if "visual" in self.spaces else self.spaces[0]
+
+    def load(self) -> None:
+        """Load every encoder now (the service calls this at start-up)."""
+        for encoder in self.encoders.values():
+            encoder.load()
+
+    def ready(self) -> bool:
+        return all(encoder.loaded for encoder in self.encoders.values())
+
+    def stats(self) -> dict[str, int]:
+        return {"items": len(self.catalog), "live_sessions": len(self.sessions)}
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    # -- sessions -------------------------------------------------------------------------
+    def create_session(self, user_id: str | None = None) -> str:
+        return self.sessions.create(user_id).id
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        session = self.sessions.get(session_id)
+        with session.lock:
+            return SessionInfo(
+                session_id=session.id,
+                user_id=session.user_id,
+                served=session.n_served,
+                feedback_events=session.n_feedback,
+                terms=session.vocabulary.top_terms(12),
+            )
+
+    def mute(self, session_id: str, term: str) -> None:
+        """ "Less of this": the term stops pulling the feed and pushes matching items down."""
+        session = self.sessions.get(session_id)
+        with session.lock:
+            session.vocabulary.mute(term)
+
+    def delete_session(self, session_id: str) -> None:
+        self.sessions.delete(session_id)
+
+    # -- items ----------------------------------------------------------------------------
+    def item(self, image_id: str) -> CatalogItem:
+        found = self.catalog.item(image_id)
+        if found is None:
+            raise UnknownItemError(image_id)
+        return found
+
+    def image_path(self, image_id: str) -> Path:
+        """Where the item's image bytes are (generated images live under the catalog)."""
+        path = Path(self.item(image_id).file)
+        return path if path.is_absolute() else self.catalog.path / path
+
+    # -- queries --------------------------------------------------------------------------
+    def search(
+        self,
+        query: Query,
+        *,
+        session_id: str | None = None,
+        filters: Filters | None = None,
+        limit: int | None = None,
+    ) -> Page:
+        """Start (or restart) a session's scroll from ``query`` and return its first page."""
+        vectors, prompt, tags, exclude_id = self._embed_query(query)
+        session = (
+            self.sessions.get(session_id) if session_id else self.sessions.create(user_id=None)
+        )
+        with session.lock:
+            self._start(session, vectors, prompt, tags, filters)
+            if exclude_id is not None:
+                self._mark_seen(session, [exclude_id])
+            return self._next_page(session, limit)
+
+    def feed(self, session_id: str, limit: int | None = None) -> Page:
+        """The next page of a session's scroll; never repeats an item."""
+        session = self.sessions.get(session_id)
+        with session.lock:
+            if not session.query:
+                return Page(session.id, [], sparse=True, generating=session.pending_generation)
+            return self._next_page(session, limit)
+
+    def feedback(self, session_id: str, events: Sequence[FeedbackEvent]) -> FeedbackResult:
+        """Store dwell events durably (idempotent by event_id), then steer the session."""
+        session = self.sessions.get(session_id)
+        fresh, duplicates = self.catalog.record_feedback(
+            session.id,
+            session.user_id,
+            [(e.event_id, e.image_id, float(e.dwell_ms)) for e in events],
+        )
+        with session.lock:
+            new = [events[i] for i in fresh if session.accept_event(events[i].event_id)]
+            if new:
+                self._steer(session, new)
+        return FeedbackResult(accepted=len(fresh), duplicates=duplicates)
+
+    def knn(
+        self, query: Query | NDArray[np.float32], *, k: int, space: str | None = None
+    ) -> list[Neighbour]:
+        """Plain nearest neighbours (no session, no re-rank), for clip-retrieval clients."""
+        if isinstance(query, np.ndarray):
+            target = space or ("clip" if "clip" in self.spaces else self.primary_space)
+            vector = unit(query)
+            if vector.shape[0] != self.catalog.indexes[target].dim:
+                raise UnsupportedQueryError(
+                    f"embedding has {vector.shape[0]} dimensions; the {target} space has "
+                    f"{self.catalog.indexes[target].dim}"
+                )
+            vectors = {target: vector}
+        else:
+            vectors = self._embed_query(query)[0]
+            target = space if space in vectors else next(iter(vectors))
+        found = retrieve(self.catalog, target, vectors[target], k)
+        items = {item.key: item for item in self.catalog.items(found.keys.tolist())}
+        return [
+            Neighbour(items[key].id, float(score), items[key].prompt)
+            for key, score in zip(found.keys.tolist(), found.scores.tolist(), strict=True)
+            if key in items
+        ]
+
+    # -- internals: queries -----------------------------------------------------------------
+    def _embed_query(
+        self, query: Query
+    ) -> tuple[dict[str, Vector], str | None, tuple[str, ...], str | None]:
+        """Query vectors per space, the query's own prompt and tags, and an id to exclude."""
+        if isinstance(query, ItemQuery):
+            item = self.item(query.image_id)
+            vectors = {space: self.catalog.vectors(space, [item.key])[0] for space in self.spaces}
+            if not np.any(vectors.get("text", np.ones(1))):
+                del vectors["text"]  # an item without text has no text-space position
+            return vectors, item.prompt, item.tags, item.id
+        if isinstance(query, ImageQuery):
+            image = decode_image(query.data, self.config.upload_limits)
+            vectors = {
+                space: self.encoders[space].embed_batch([image])[0]
+                for space in self.spaces
+                if space in IMAGE_SPACES
+            }
+            embedded = read_embedded_metadata(query.data)
+            if embedded.prompt and "text" in self.spaces:
+                vectors["text"] = self._embed_text("text", embedded.prompt)
+            return vectors, embedded.prompt, (), None
+        text = query.text.strip()
+        if not text:
+            raise UnsupportedQueryError("empty text query")
+        vectors = {}
+        if "clip" in self.spaces:
+            vectors["clip"] = self._embed_text("clip", text)
+        if "text" in self.spaces:
+            vectors["text"] = self._embed_text("text", text)
+        if not vectors:
+            raise UnsupportedQueryError("this catalog has no space that can embed text")
+        return vectors, text, (), None
+
+    def _embed_text(self, space: str, text: str) -> Vector:
+        encoder = self.encoders[space]
+        embed = getattr(encoder, "embed_texts", None)  # CLIP's text tower
+        vectors = embed([text]) if embed is not None else encoder.embed_batch([text])
+        return np.asarray(vectors[0], dtype=np.float32)
+
+    def _start(
+        self,
+        session: Session,
+        vectors: Mapping[str, Vector],
+        prompt: str | None,
+        tags: Sequence[str],
+        filters: Filters | None,
+    ) -> None:
+        session.q0 = {space: unit(v) for space, v in vectors.items()}
+        session.query = dict(session.q0)
+        session.steering = {space: self.steerer.init_state(v) for space, v in session.q0.items()}
+        session.filters = filters or Filters()
+        session.primary = next(
+            space for space in (self.primary_space, "clip", "text") if space in vectors
+        )
+        prompt_vec = vectors.get("text")
+        session.vocabulary.add(prompt_vec, tags=tags, terms=prompt_terms(prompt), weight=2.0)
+
+    def _mark_seen(self, session: Session, image_ids: Sequence[str]) -> None:
+        session.mark_seen(image_ids)
+        for image_id in image_ids:
+            key = self.catalog.key_for_id(image_id)
+            if key is not None:
+                session.seen_keys.add(key)
+
+    # -- internals: pages -------------------------------------------------------------------
+    def _next_page(self, session: Session, limit: int | None) -> Page:
+        size = min(limit or self.config.page_size, self.config.max_page)
+        candidates = retrieve(
+            self.catalog,
+            session.primary,
+            session.query[session.primary],
+            max(self.config.k, 2 * size),
+            filters=session.filters,
+            seen=session.seen_keys,
+        )
+        items = self.catalog.items(candidates.keys.tolist())
+        by_key = {item.key: item for item in items}
+        keep = np.array([k in by_key for k in candidates.keys.tolist()], dtype=bool)
+        candidates = Candidates(candidates.keys[keep], candidates.scores[keep])
+        ranked = self._rank(session, candidates, [by_key[k] for k in candidates.keys.tolist()])
+        picks = self._pick(session, ranked, size)
+        served = [
+            Served(ranked.items[p.rank].id, p.kind, float(ranked.scores[p.rank]), self._clock())
+            for p in picks
+        ]
+        session.record_served(served)
+        for p in picks:
+            session.seen_keys.add(ranked.items[p.rank].key)
+        sparse = self._is_sparse(session, candidates, size)
+        if sparse and self.generator is not None:
+            session.pending_generation = self.generator.request(session, self)
+        page_items = [
+            _page_item(ranked.items[p.rank], float(ranked.scores[p.rank]), p.kind) for p in picks
+        ]
+        return Page(session.id, page_items, sparse=sparse, generating=session.pending_generation)
+
+    def _rank(self, session: Session, candidates: Candidates, items: list[CatalogItem]) -> _Ranked:
+        keys = candidates.keys
+        text_vecs = self.catalog.vectors("text", keys) if "text" in self.spaces else None
+        clip_sim = None
+        if "clip" in self.spaces and "clip" in session.query and session.primary != "clip":
+            clip_sim = self.catalog.vectors("clip", keys) @ session.query["clip"]
+        terms = [list(item.tags) + prompt_terms(item.prompt) for item in items]
+        result = rerank(
+            candidates.scores,
+            session.vocabulary,
+            text_vecs=text_vecs,
+            terms=terms,
+            clip_sim=clip_sim,
+            config=self.config.rerank,
+        )
+        order = result.order
+        return _Ranked(
+            items=[items[i] for i in order],
+            keys=keys[order],
+            scores=result.scores[order],
+        )
+
+    def _pick(self, session: Session, ranked: _Ranked, size: int) -> list[Pick]:
+        explore = self.config.explore
+        if size != explore.page_size:  # scale the 15 + 5 split to the requested page size
+            n_explore = round(size * explore.n_explore / max(explore.page_size, 1))
+            explore = ExploreConfig(
+                n_top=size - n_explore,
+                n_explore=n_explore,
+                explore_from=explore.explore_from,
+                explore_to=explore.explore_to,
+                interleave=explore.interleave,
+            )
+        rng = self._rng(session)
+        state = session.steering.get(session.primary)
+        scores = None
+        if state is not None and len(ranked.keys):
+            vectors = self.catalog.vectors(session.primary, ranked.keys)
+            scores = self.steerer.explore_scores(state, vectors, rng)
+        picks = make_page(len(ranked.items), explore, rng, scores)
+        if len(picks) < size:  # large pages outgrow the explore window: fill with top ranks
+            used = {p.rank for p in picks}
+            spare = [r for r in range(len(ranked.items)) if r not in used]
+            picks += [Pick(r, "top") for r in spare[: size - len(picks)]]
+        return picks
+
+    def _is_sparse(self, session: Session, candidates: Candidates, size: int) -> bool:
+        """Fewer than a page of unseen candidates near the *original* query."""
+        if len(candidates) < size:
+            return True
+        q0 = session.q0[session.primary]
+        vectors = self.catalog.vectors(session.primary, candidates.keys)
+        near = int(np.count_nonzero(vectors @ q0 >= self.config.similarity_floor))
+        # The steered query moves away from q0; also count what is near where it points now.
+        near_now = int(np.count_nonzero(candidates.scores >= self.config.similarity_floor))
+        return max(near, near_now) - size < size
+
+    def _rng(self, session: Session) -> np.random.Generator:
+        """A per-page generator: reproducible for a seeded engine, fresh for every page."""
+        root = self._seed.entropy if isinstance(self._seed.entropy, int) else 0
+        entropy = [root, session.n_served, zlib.crc32(session.id.encode())]
+        return np.random.default_rng(np.random.SeedSequence(entropy))
+
+    # -- internals: feedback ----------------------------------------------------------------
+    def _steer(self, session: Session, events: Sequence[FeedbackEvent]) -> None:
+        order = {served.image_id: i for i, served in enumerate(session.served)}
+        events = sorted(events, key=lambda e: order.get(e.image_id, len(order)))
+        keys = [self.catalog.key_for_id(e.image_id) for e in events]
+        known = [(e, k) for e, k in zip(events, keys, strict=True) if k is not None]
+        scores = score_dwell(
+            session.dwell, [e.dwell_ms for e in events], self.config.steering.dwell
+        )
+        now = self._clock()
+        for event, score in zip(events, scores.tolist(), strict=True):
+            session.record_feedback(
+                StoredEvent(event.event_id, event.image_id, event.dwell_ms, score, now)
+            )
+        if not known:
+            return
+        known_scores = np.array(
+            [s for s, k in zip(scores.tolist(), keys, strict=True) if k is not None],
+            dtype=np.float32,
+        )
+        known_keys = [k for _, k in known]
+        for space, state in session.steering.items():
+            vectors = self.catalog.vectors(space, known_keys)
+            session.query[space] = self.steerer.update(state, vectors, known_scores)
+        self._learn_vocabulary(session, known_keys, known_scores)
+
+    def _learn_vocabulary(
+        self, session: Session, keys: Sequence[int], scores: NDArray[np.float32]
+    ) -> None:
+        session.vocabulary.decay()
+        items = {item.key: item for item in self.catalog.items(keys)}
+        text_vecs = self.catalog.vectors("text", keys) if "text" in self.spaces else None
+        for i, key in enumerate(keys):
+            item, weight = items.get(key), float(scores[i])
+            if item is None or weight <= 0:
+                continue
+            prompt_vec = text_vecs[i] if text_vecs is not None and np.any(text_vecs[i]) else None
+            session.vocabulary.add(
+                prompt_vec, tags=item.tags, terms=prompt_terms(item.prompt), weight=weight
+            )
+
+
+@dataclass(frozen=True)
+class _Ranked:
+    """Candidates after re-ranking, best first: items, their keys, their fused scores."""
+
+    items: list[CatalogItem]
+    keys: NDArray[np.int64]
+    scores: NDArray[np.float32]
+
+
+def _page_item(item: CatalogItem, score: float, pick: str) -> PageItem:
+    return PageItem(
+        id=item.id,
+        score=round(score, 5),
+        pick="explore" if pick == "explore" else "top",
+        prompt=item.prompt,
+        tags=item.tags,
+        width=item.width,
+        height=item.height,
+        nsfw_level=item.nsfw_name,
+        generated=item.generated,
+    )

@@ -1,0 +1,356 @@
+"""Re-ranking: fuse image similarity with prompt and tag similarity to a local vocabulary.
+
+The local vocabulary of a session is a weighted set of prompt vectors (``text`` space) and a
+weighted bag of terms (tags and salient prompt words): first the query's own prompt and
+tags, then those of the images the person dwelt on, weighted by dwell.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from recommender.types import Indices, Scores, Vector, as_rows
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- terms
+
+STOPWORDS = frozenset(
+    """a an and are as at be been but by for from has have he her his i in into is it its of
+    on or she so than that the their them then there these they this to was were with
+    very photo image picture""".split()
+)
+"""Words that carry no preference on their own."""
+
+_FILLER = (
+    "masterpiece", "best quality", "high quality", "highest quality", "top quality",
+    "good quality", "normal quality", "low quality", "worst quality", "lowres", "highres",
+    "absurdres", "ultra detailed", "ultra-detailed", "highly detailed", "extremely detailed",
+    "very detailed", "detailed", "intricate", "intricate details", "sharp focus", "8k", "4k",
+    "2k", "uhd", "hd", "hdr", "raw photo", "trending on artstation", "artstation",
+    "award winning", "award-winning", "official art", "wallpaper", "beautiful", "amazing",
+    "perfect", "score_9", "score_8_up", "score_7_up", "score_6_up", "score_5_up",
+    "score_4_up", "source_anime", "source_realistic", "rating_safe", "rating_questionable",
+    "rating_explicit", "break", "bad anatomy", "bad hands", "blurry", "watermark",
+    "signature", "jpeg artifacts", "easynegative",
+)  # fmt: skip
+FILLER_PHRASES = frozenset(" ".join(f.replace("_", " ").split()) for f in _FILLER)
+"""Quality boilerplate of generation prompts: never a term (matched per chunk and per word)."""
+
+_ANGLE = re.compile(r"<[^>]*>")  # <lora:name:0.8>, <hypernet:...>, embeddings
+_WEIGHT = re.compile(r":\s*-?\d+(?:\.\d+)?\s*(?=[)\]}>]|,|$)")  # the ":1.2" of (red:1.2)
+_BRACKETS = re.compile(r"[()\[\]{}]")
+_CHUNK_SPLIT = re.compile(r",|\n|\|| BREAK |\bAND\b|\.(?:\s|$)")
+_WORD = re.compile(r"[a-z0-9][a-z0-9'-]*[a-z0-9]|[a-z]")
+
+
+def normalise_term(term: str) -> str:
+    """Lower-case, collapse white space and strip punctuation at the ends."""
+    return " ".join(term.lower().replace("_", " ").split()).strip(" .,:;!?'\"-")
+
+
+def prompt_terms(prompt: str | None, max_terms: int = 32) -> list[str]:
+    """Salient terms of a generation prompt, in order of first appearance, de-duplicated.
+
+    Weight syntax (``(red:1.2)``, ``[x]``, ``{x}``), LoRA/embedding tags (``<lora:x:0.8>``),
+    quality boilerplate (masterpiece, best quality, 8k, ...) and stopwords are removed. A
+    comma-separated chunk of 1-3 remaining words is one term (``red hair``); a longer chunk is
+    split into its words, as is a chunk that lost stopwords ("a photo of a cat" -> cat).
+    """
+    if not prompt:
+        return []
+    text = _ANGLE.sub(" ", prompt)
+    text = _BRACKETS.sub(" ", _WEIGHT.sub("", text.replace("\\(", "(").replace("\\)", ")")))
+    out: dict[str, None] = {}
+    for chunk in _CHUNK_SPLIT.split(text):
+        chunk = normalise_term(chunk)
+        if not chunk or chunk in FILLER_PHRASES:
+            continue
+        all_words = [w for w in _WORD.findall(chunk) if not w.replace(".", "").isdigit()]
+        words = [w for w in all_words if w not in STOPWORDS and w not in FILLER_PHRASES]
+        # a short chunk that lost nothing is a phrase ("red hair"); otherwise its words count
+        phrase = len(words) == len(all_words) and 1 <= len(words) <= 3
+        for term in [" ".join(words)] if phrase else words:
+            if len(term) > 1 and term not in FILLER_PHRASES:
+                out.setdefault(term, None)
+        if len(out) >= max_terms:
+            break
+    return list(out)[:max_terms]
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+@dataclass(frozen=True)
+class VocabularyConfig:
+    """Bounds and weights of a ``LocalVocabulary``.
+
+    ``decay``: factor applied by ``decay()`` (the engine calls it once per feedback batch).
+    ``tag_weight`` / ``term_weight``: multipliers for curated tags and for words mined from
+    prompts. Entries whose weight falls below ``min_weight`` are dropped.
+    """
+
+    max_prompts: int = 32
+    max_terms: int = 256
+    decay: float = 0.85
+    tag_weight: float = 1.0
+    term_weight: float = 0.5
+    min_weight: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.max_prompts < 1 or self.max_terms < 1:
+            raise ValueError("max_prompts and max_terms must be >= 1")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError("decay must be in (0, 1]")
+
+
+class LocalVocabulary:
+    """A session's weighted prompt vectors and weighted terms, bounded in size.
+
+    Not thread-safe on its own: the session's lock guards it. Muted terms are dropped and
+    never re-added until ``unmute``.
+    """
+
+    def __init__(self, config: VocabularyConfig | None = None) -> None:
+        self.config = config or VocabularyConfig()
+        self._prompts: list[tuple[NDArray[np.float64], float]] = []
+        self._terms: dict[str, float] = {}
+        self._muted: set[str] = set()
+
+    def add(
+        self,
+        prompt_vec: ArrayLike | None,
+        tags: Iterable[str] = (),
+        terms: Iterable[str] = (),
+        weight: float = 1.0,
+    ) -> None:
+        """Add one image's (or the query's) prompt vector (d,), tags and prompt terms.
+
+        ``weight`` > 0 (e.g. the positive part of a dwell score); other weights are ignored.
+        A zero or missing prompt vector adds only the terms.
+        """
+        if not (weight > 0 and np.isfinite(weight)):
+            return
+        if prompt_vec is not None:
+            v = as_rows(np.asarray(prompt_vec))[0]
+            if np.any(v):
+                self._prompts.append((v, float(weight)))
+                self._bound_prompts()
+        cfg = self.config
+        bump: dict[str, float] = {}
+        for raw, w in [(t, cfg.term_weight) for t in terms] + [(t, cfg.tag_weight) for t in tags]:
+            term = normalise_term(raw)
+            if term and term not in self._muted:
+                bump[term] = max(bump.get(term, 0.0), w * weight)
+        for term, w in bump.items():
+            self._terms[term] = self._terms.get(term, 0.0) + w
+        self._bound_terms()
+
+    def decay(self, factor: float | None = None) -> None:
+        """Multiply every weight by ``factor`` (default: the config's) and drop tiny entries."""
+        f = self.config.decay if factor is None else float(factor)
+        self._prompts = [(v, w * f) for v, w in self._prompts if w * f >= self.config.min_weight]
+        self._terms = {t: w * f for t, w in self._terms.items() if w * f >= self.config.min_weight}
+
+    def mute(self, term: str) -> None:
+        """Stop ``term`` pulling the feed: drop its weight and refuse it from now on."""
+        t = normalise_term(term)
+        if t:
+            self._muted.add(t)
+            self._terms.pop(t, None)
+
+    def unmute(self, term: str) -> None:
+        self._muted.discard(normalise_term(term))
+
+    @property
+    def muted(self) -> frozenset[str]:
+        return frozenset(self._muted)
+
+    def is_empty(self) -> bool:
+        return not self._prompts and not self._terms
+
+    def top_terms(self, n: int = 10) -> list[tuple[str, float]]:
+        """The ``n`` heaviest unmuted terms as ``(term, weight)``, heaviest first, ties by name."""
+        ranked = sorted(self._terms.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [(t, float(w)) for t, w in ranked[: max(n, 0)]]
+
+    def term_weights(self) -> dict[str, float]:
+        """A copy of the unmuted term weights."""
+        return dict(self._terms)
+
+    def prompt_centroid(self) -> Vector | None:
+        """Weighted mean (d,) float32 of the unit prompt vectors, not re-normalised; None if
+        there are none."""
+        if not self._prompts:
+            return None
+        vecs = np.stack([v for v, _ in self._prompts])
+        w = np.array([w for _, w in self._prompts])
+        return (w @ vecs / w.sum()).astype(np.float32)
+
+    def _bound_prompts(self) -> None:
+        while len(self._prompts) > self.config.max_prompts:
+            # lightest goes; among equals the oldest (lowest index) goes
+            idx = min(range(len(self._prompts)), key=lambda i: (self._prompts[i][1], i))
+            self._prompts.pop(idx)
+
+    def _bound_terms(self) -> None:
+        extra = len(self._terms) - self.config.max_terms
+        if extra > 0:
+            for term, _ in sorted(self._terms.items(), key=lambda kv: (kv[1], kv[0]))[:extra]:
+                del self._terms[term]
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+@dataclass(frozen=True)
+class RerankWeights:
+    """Relative weights of the signals; renormalised over the signals available.
+
+    ``image``: cosine in the primary (``visual``) space. ``prompt``: candidate prompt vs the
+    vocabulary's prompt centroid (``text`` space). ``tags``: candidate terms vs the
+    vocabulary's term weights. ``clip``: cosine in the ``clip`` space, when it exists.
+    """
+
+    image: float = 0.5
+    prompt: float = 0.2
+    tags: float = 0.15
+    clip: float = 0.15
+
+    def __post_init__(self) -> None:
+        if min(self.image, self.prompt, self.tags, self.clip) < 0:
+            raise ValueError("rerank weights must be >= 0")
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """Fusion: each signal is standardised over the candidates (z-score with std floor
+    ``min_std``, clipped to ±``z_clip``) so that weights mean relative influence whatever the
+    spaces' cosine ranges; a candidate missing a signal gets its mean (z = 0). Candidates
+    carrying a muted term lose ``muted_penalty`` (in z units)."""
+
+    weights: RerankWeights = field(default_factory=RerankWeights)
+    min_std: float = 0.02
+    z_clip: float = 3.0
+    muted_penalty: float = 0.5
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """``scores``: fused float32 (N,), higher is better. ``order``: int64 (N,) candidate
+    positions best first (stable: ties keep input order). ``signals``: the signals used."""
+
+    scores: Scores
+    order: Indices
+    signals: tuple[str, ...]
+
+
+def rerank(
+    image_sim: ArrayLike,
+    vocabulary: LocalVocabulary | None = None,
+    text_vecs: ArrayLike | None = None,
+    terms: Sequence[Sequence[str]] | None = None,
+    clip_sim: ArrayLike | None = None,
+    config: RerankConfig | None = None,
+) -> RerankResult:
+    """Fuse the signals of N candidates into one score and an order.
+
+    ``image_sim``: float (N,) cosine to the query in the primary space (NaN = missing).
+    ``text_vecs``: float (N, d) prompt embeddings (``text`` space); a zero row = no prompt.
+    ``terms``: per candidate, its tags and prompt terms (``prompt_terms``); empty = none.
+    ``clip_sim``: float (N,) cosine in the ``clip`` space (NaN = missing), or None.
+    Without a vocabulary (or one with no prompts / terms) those signals drop out and the
+    weights renormalise over what remains, so image similarity dominates.
+    """
+    cfg = config or RerankConfig()
+    wts = cfg.weights
+    img = np.asarray(image_sim, dtype=np.float64).reshape(-1)
+    n = img.shape[0]
+    signals: list[tuple[str, float, NDArray[np.float64]]] = [("image", wts.image, img)]
+    if vocabulary is not None and text_vecs is not None:
+        prompt = _prompt_similarity(vocabulary, text_vecs, n)
+        if prompt is not None:
+            signals.append(("prompt", wts.prompt, prompt))
+    if vocabulary is not None and terms is not None:
+        tag = _tag_similarity(vocabulary.term_weights(), terms, n)
+        if tag is not None:
+            signals.append(("tags", wts.tags, tag))
+    if clip_sim is not None:
+        clip = np.asarray(clip_sim, dtype=np.float64).reshape(-1)
+        if clip.shape[0] != n:
+            raise ValueError(f"clip_sim has {clip.shape[0]} entries for {n} candidates")
+        signals.append(("clip", wts.clip, clip))
+    used = [(name, w, v) for name, w, v in signals if w > 0 and np.isfinite(v).any()]
+    fused = np.zeros(n, dtype=np.float64)
+    total = sum(w for _, w, _ in used)
+    for _, w, v in used:
+        fused += (w / total) * _standardise(v, cfg)
+    if terms is not None and vocabulary is not None and vocabulary.muted and cfg.muted_penalty:
+        fused -= cfg.muted_penalty * _has_muted(terms, vocabulary.muted, n)
+    order = np.argsort(-fused, kind="stable").astype(np.int64)
+    return RerankResult(fused.astype(np.float32), order, tuple(name for name, _, _ in used))
+
+
+def _standardise(v: NDArray[np.float64], cfg: RerankConfig) -> NDArray[np.float64]:
+    ok = np.isfinite(v)
+    mean, std = float(v[ok].mean()), float(v[ok].std())
+    z = (v - mean) / max(std, cfg.min_std)
+    return np.where(ok, np.clip(z, -cfg.z_clip, cfg.z_clip), 0.0)
+
+
+def _prompt_similarity(
+    vocabulary: LocalVocabulary, text_vecs: ArrayLike, n: int
+) -> NDArray[np.float64] | None:
+    """Cosine-weighted mean of each candidate prompt against the vocabulary; NaN if none."""
+    centroid = vocabulary.prompt_centroid()
+    if centroid is None:
+        return None
+    t = as_rows(np.asarray(text_vecs), dim=centroid.shape[0])
+    if t.shape[0] != n:
+        raise ValueError(f"text_vecs has {t.shape[0]} rows for {n} candidates")
+    sim = t @ centroid.astype(np.float64)
+    return np.where(np.linalg.norm(t, axis=1) > 0, sim, np.nan)
+
+
+def _tag_similarity(
+    weights: dict[str, float], terms: Sequence[Sequence[str]], n: int
+) -> NDArray[np.float64] | None:
+    """Cosine between each candidate's binary term set and the vocabulary's term weights."""
+    if len(terms) != n:
+        raise ValueError(f"terms has {len(terms)} entries for {n} candidates")
+    norm = float(np.sqrt(sum(w * w for w in weights.values())))
+    if norm == 0:
+        return None
+    out = np.full(n, np.nan)
+    for i, cand in enumerate(terms):
+        own = {normalise_term(t) for t in cand} - {""}
+        if own:
+            out[i] = sum(weights.get(t, 0.0) for t in own) / (np.sqrt(len(own)) * norm)
+    return out
+
+
+def _has_muted(
+    terms: Sequence[Sequence[str]], muted: frozenset[str], n: int
+) -> NDArray[np.float64]:
+    flags = [any(normalise_term(t) in muted for t in cand) for cand in terms[:n]]
+    return np.asarray(flags, dtype=np.float64)
+
+
+__all__ = [
+    "FILLER_PHRASES",
+    "STOPWORDS",
+    "LocalVocabulary",
+    "RerankConfig",
+    "RerankResult",
+    "RerankWeights",
+    "VocabularyConfig",
+    "normalise_term",
+    "prompt_terms",
+    "rerank",
+]

@@ -1,0 +1,244 @@
+"""Per-session state and a bounded, thread-safe, in-process session store."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from recommender.errors import UnknownSessionError
+from recommender.explore import PickKind
+from recommender.feedback import DwellConfig, DwellStats, SteeringState, new_dwell_stats
+from recommender.rerank import LocalVocabulary, VocabularyConfig
+from recommender.retrieve import Filters
+from recommender.types import Vector
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+"""Seconds from an arbitrary origin, non-decreasing (``time.monotonic`` by default)."""
+
+
+def new_session_id() -> str:
+    """An unguessable session id: 24 random bytes (192 bits), URL-safe base64 (32 chars)."""
+    return secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Bounds of the session store and of each session.
+
+    A session idle for more than ``ttl_s`` expires; past ``max_sessions`` the least recently
+    used one is evicted. ``max_feedback`` feedback events and ``max_served`` served records
+    are kept per session; ``max_event_ids`` processed event ids are remembered for
+    idempotency. The seen set itself is never trimmed: it is what keeps the scroll from
+    repeating. A session with full steering histories holds roughly 0.25 MB per space at
+    d = 384, hence the modest default count.
+    """
+
+    ttl_s: float = 3600.0
+    max_sessions: int = 1_000
+    max_feedback: int = 1_000
+    max_served: int = 5_000
+    max_event_ids: int = 10_000
+    vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
+    dwell: DwellConfig = field(default_factory=DwellConfig)
+
+    def __post_init__(self) -> None:
+        if self.ttl_s <= 0 or self.max_sessions < 1:
+            raise ValueError("need ttl_s > 0 and max_sessions >= 1")
+
+
+@dataclass(frozen=True)
+class Served:
+    """One item served to a session: its id, how it was picked, its fused score, when."""
+
+    image_id: str
+    pick: PickKind
+    score: float
+    at: float
+
+
+@dataclass(frozen=True)
+class FeedbackEvent:
+    """One accepted feedback event: raw dwell (ms), its normalised score, when it arrived."""
+
+    event_id: str
+    image_id: str
+    dwell_ms: float
+    score: float
+    at: float
+
+
+@dataclass(eq=False)
+class Session:
+    """Everything the recommender knows about one scroll.
+
+    ``q0[space]`` is the original query and ``query[space]`` the steered one (unit float32
+    (d,)); ``steering[space]`` the steering state that produced it. ``seen`` is an ordered set
+    (dict keys) of every id shown or used as the query. ``lock`` guards the whole session:
+    the engine holds it across read-modify-write sequences.
+    """
+
+    id: str
+    user_id: str | None
+    created: float
+    last_used: float
+    vocabulary: LocalVocabulary
+    dwell: DwellStats
+    served: deque[Served]
+    feedback: deque[FeedbackEvent]
+    max_event_ids: int = 10_000
+    q0: dict[str, Vector] = field(default_factory=dict)
+    query: dict[str, Vector] = field(default_factory=dict)
+    steering: dict[str, SteeringState] = field(default_factory=dict)
+    seen: dict[str, None] = field(default_factory=dict)
+    processed_events: dict[str, None] = field(default_factory=dict)
+    n_served: int = 0
+    n_feedback: int = 0
+    pending_generation: bool = False
+    # Set by the engine when a query starts the scroll.
+    filters: Filters = field(default_factory=Filters)
+    primary: str = "visual"
+    seen_keys: set[int] = field(default_factory=set)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def muted(self) -> frozenset[str]:
+        return self.vocabulary.muted
+
+    def is_seen(self, image_id: str) -> bool:
+        return image_id in self.seen
+
+    def mark_seen(self, image_ids: Iterable[str]) -> None:
+        for image_id in image_ids:
+            self.seen.setdefault(image_id, None)
+
+    def record_served(self, items: Iterable[Served]) -> None:
+        """Remember served items and mark them seen."""
+        for item in items:
+            self.served.append(item)
+            self.seen.setdefault(item.image_id, None)
+            self.n_served += 1
+
+    def accept_event(self, event_id: str) -> bool:
+        """True the first time an event id is offered, False for a duplicate (idempotency)."""
+        if event_id in self.processed_events:
+            return False
+        self.processed_events[event_id] = None
+        while len(self.processed_events) > self.max_event_ids:
+            del self.processed_events[next(iter(self.processed_events))]
+        return True
+
+    def record_feedback(self, event: FeedbackEvent) -> None:
+        self.feedback.append(event)
+        self.n_feedback += 1
+
+
+class SessionStore:
+    """In-process sessions, bounded by idle TTL and by count (least recently used evicted).
+
+    Thread-safe: one lock guards the table (each session has its own lock for its state).
+    ``clock`` is injected so that tests control time.
+    """
+
+    def __init__(self, config: SessionConfig | None = None, clock: Clock = time.monotonic) -> None:
+        self.config = config or SessionConfig()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+
+    def create(self, user_id: str | None = None) -> Session:
+        """A new empty session; may evict expired and least recently used ones."""
+        cfg = self.config
+        now = self._clock()
+        session = Session(
+            id=new_session_id(),
+            user_id=user_id,
+            created=now,
+            last_used=now,
+            vocabulary=LocalVocabulary(cfg.vocabulary),
+            dwell=new_dwell_stats(cfg.dwell),
+            served=deque(maxlen=cfg.max_served),
+            feedback=deque(maxlen=cfg.max_feedback),
+            max_event_ids=cfg.max_event_ids,
+        )
+        with self._lock:
+            self._purge(now)
+            while len(self._sessions) >= cfg.max_sessions:
+                evicted, _ = self._sessions.popitem(last=False)
+                log.info("session %s… evicted (max %d sessions)", evicted[:6], cfg.max_sessions)
+            self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        """The live session with this id, marked as just used; else UnknownSessionError."""
+        now = self._clock()
+        with self._lock:
+            session = self._live(session_id, now)
+            session.last_used = now
+            self._sessions.move_to_end(session_id)
+            return session
+
+    def touch(self, session_id: str) -> None:
+        """Mark a session as just used (UnknownSessionError if it is not live)."""
+        self.get(session_id)
+
+    def delete(self, session_id: str) -> None:
+        """Forget a session (UnknownSessionError if it is not live)."""
+        with self._lock:
+            self._live(session_id, self._clock())
+            del self._sessions[session_id]
+
+    def purge_expired(self) -> int:
+        """Drop every expired session now; returns how many were dropped."""
+        with self._lock:
+            return self._purge(self._clock())
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge(self._clock())
+            return len(self._sessions)
+
+    def __contains__(self, session_id: object) -> bool:
+        with self._lock:
+            session = self._sessions.get(session_id) if isinstance(session_id, str) else None
+            return session is not None and not self._expired(session, self._clock())
+
+    def _expired(self, session: Session, now: float) -> bool:
+        return now - session.last_used > self.config.ttl_s
+
+    def _live(self, session_id: str, now: float) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise UnknownSessionError(session_id)
+        if self._expired(session, now):
+            del self._sessions[session_id]
+            raise UnknownSessionError(session_id)
+        return session
+
+    def _purge(self, now: float) -> int:
+        # ordered by last use, so expired sessions are all at the front
+        dropped = 0
+        while self._sessions:
+            oldest = next(iter(self._sessions.values()))
+            if not self._expired(oldest, now):
+                break
+            self._sessions.popitem(last=False)
+            dropped += 1
+        return dropped
+
+
+__all__ = [
+    "Clock",
+    "FeedbackEvent",
+    "Served",
+    "Session",
+    "SessionConfig",
+    "SessionStore",
+    "new_session_id",
+]
