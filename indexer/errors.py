@@ -15,8 +15,8 @@ class ImageRejected(LookalikeError):
     """An image was refused by the safe decoder.
 
     ``reason`` is a short stable code (``empty``, ``not_an_image``, ``unsupported_format``,
-    ``too_large``, ``decompression_bomb``, ``too_many_frames``, ``truncated``, ``corrupt``)
-    used for skip counts and for the HTTP error code.
+    ``too_large``, ``decompression_bomb``, ``too_many_frames``, ``truncated``, ``corrupt``,
+    ``unreadable`` for a path that cannot be read) used for skip counts and the HTTP error code.
     """
 
     def __init__(self, reason: str, message: str) -> None:

@@ -1,0 +1,653 @@
+"""Readers for the dump formats of ARCHITECTURE §3, detected automatically.
+
+``iter_dump(root)`` walks the dump once with ``os.scandir``, depth first, every directory's
+entries in sorted order, and yields a ``DumpRecord`` per image or a ``SkippedEntry`` saying
+why something was left out. Within a directory it reads, in this order:
+
+1. JSON documents (``.json``, ``.jsonl``, ``.ndjson``): civitai API pages
+   ``{"items": [...]}``, lists / JSONL of items, flat records ``{"image_id", ...}``.
+   An item's image is looked up by id (``<id>.<ext>``), then by the URL's file name
+   (a scheme-less URL is a path relative to the JSON), next to the JSON and then in the
+   ``images/`` folder beside it.
+2. Sidecars: ``X.json`` holding one item next to an image ``X.<ext>``; id defaults to ``X``.
+   They come after the documents above, so an image an API page claims stays claimed.
+3. Bare images nobody claimed: id is the path relative to the root without extension,
+   prompt from ``read_embedded_metadata``.
+
+The first record of an id wins; later ones are skipped as ``duplicate_id``. Hidden entries
+(a name starting with ``.``) are ignored, and so are files lookalike writes beside a dump
+itself (``RESERVED_FILENAMES``: the sample dump's ground truth ``truth.jsonl``).
+
+Nothing outside the root is read: ``..`` and absolute references, and symlinks whose
+target leaves the root, are skipped as ``outside_root``; symlinked directories are never
+descended into (those inside the root are reachable anyway).
+
+Skip reasons: ``missing_image``, ``bad_json``, ``unknown_json``, ``bad_item``,
+``duplicate_id``, ``outside_root``, ``unreadable``, ``unsupported_format``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+import orjson
+
+from indexer.errors import DumpError
+from indexer.images import IMAGE_EXTENSIONS, read_embedded_metadata
+from indexer.records import DumpRecord, SkippedEntry, nsfw_level_from_any
+
+logger = logging.getLogger(__name__)
+
+FORMAT_API: Final = "civitai-api"
+FORMAT_SIDECAR: Final = "sidecar"
+FORMAT_FLAT: Final = "flat"
+FORMAT_BARE: Final = "bare"
+FORMAT_MIXED: Final = "mixed"
+FORMAT_EMPTY: Final = "empty"
+
+GROUND_TRUTH_FILENAME: Final = "truth.jsonl"
+RESERVED_FILENAMES: Final = frozenset({GROUND_TRUTH_FILENAME})
+"""File names never read as dump data, wherever they are: lookalike's own files."""
+
+JSON_EXTENSIONS: Final = frozenset({".json", ".jsonl", ".ndjson"})
+_JSONL_EXTENSIONS: Final = frozenset({".jsonl", ".ndjson"})
+# Image files we recognise but cannot index: reported rather than silently ignored.
+_OTHER_IMAGE_EXTENSIONS: Final = frozenset(
+    {".bmp", ".tif", ".tiff", ".svg", ".avif", ".heic", ".heif", ".jxl", ".ico", ".jp2"}
+)
+_IMAGES_DIR: Final = "images"
+_ITEM_KEYS: Final = frozenset(
+    {"id", "url", "meta", "nsfw", "nsfwLevel", "browsingLevel", "tags", "baseModel", "prompt"}
+)
+_FLAT_KEY: Final = "image_id"
+
+Entry = DumpRecord | SkippedEntry
+
+
+@dataclass
+class _Listing:
+    """One directory's entries, indexed once so that look-ups never touch the disk.
+
+    Paths are plain strings here (millions of ``Path`` objects cost real time).
+    ``images`` and ``json_files`` map a file name to the path to read (the real target
+    for an in-root symlink) or to None for a symlink whose target leaves the root.
+    """
+
+    path: str
+    rel: str
+    images: dict[str, str | None] = field(default_factory=dict)
+    by_stem: dict[str, str] = field(default_factory=dict)
+    json_files: dict[str, str | None] = field(default_factory=dict)
+    other_images: list[str] = field(default_factory=list)
+    subdirs: list[str] = field(default_factory=list)
+    escaped: list[str] = field(default_factory=list)
+    # The listing of the images/ folder beside this directory's JSON, once looked up.
+    images_folder: _Listing | None = None
+    images_folder_known: bool = False
+
+    def rel_of(self, name: str) -> str:
+        return f"{self.rel}/{name}" if self.rel else name
+
+    def path_of(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+
+@dataclass(frozen=True)
+class _Found:
+    directory: str
+    name: str
+    path: str
+
+
+def iter_dump(root: Path) -> Iterator[DumpRecord | SkippedEntry]:
+    """Yield every image of the dump under ``root`` as a ``DumpRecord``, or a ``SkippedEntry``.
+
+    Order is deterministic (sorted names, depth first). Records carry ids as strings,
+    normalised tags and prompts, and an absolute ``image_path`` inside the root.
+    Raises ``DumpError`` when ``root`` is not a readable directory.
+    """
+    return _DumpWalker(_checked_root(root)).walk()
+
+
+def detect_format(root: Path, sample: int = 64) -> str:
+    """Name the dump format under ``root`` for a summary line.
+
+    Returns ``civitai-api``, ``sidecar``, ``flat``, ``bare``, ``mixed`` (more than one) or
+    ``empty``. Lists every directory but parses at most ``sample`` JSON files (a JSONL file
+    by its first line), so the answer for a large dump is an estimate from its first files.
+    """
+    return _FormatSniffer(_checked_root(root), sample).detect()
+
+
+def normalise_prompt(value: Any) -> str | None:
+    """Return the prompt with runs of whitespace collapsed to one space, or None if empty."""
+    if not isinstance(value, str):
+        return None
+    return " ".join(value.split()) or None
+
+
+def normalise_tags(value: Any) -> tuple[str, ...]:
+    """Return tags lower-cased, stripped and de-duplicated in their original order.
+
+    Accepts ``[{"id", "name"}]``, a list of strings, or one comma-separated string.
+    """
+    if isinstance(value, str):
+        raw: Iterable[Any] = value.split(",")
+    elif isinstance(value, list):
+        raw = value
+    else:
+        return ()
+    tags: dict[str, None] = {}
+    for tag in raw:
+        name = tag.get("name") if isinstance(tag, dict) else tag
+        if isinstance(name, str):
+            text = " ".join(name.lower().split())
+            if text:
+                tags.setdefault(text, None)
+    return tuple(tags)
+
+
+def _checked_root(root: Path) -> Path:
+    try:
+        resolved = Path(root).resolve(strict=True)
+    except OSError as exc:
+        raise DumpError(f"dump root {root} does not exist or cannot be read: {exc}") from exc
+    if not resolved.is_dir():
+        raise DumpError(f"dump root {root} is not a directory")
+    return resolved
+
+
+def _scan(directory: str, rel: str, root: str) -> _Listing:
+    """List one directory (one ``os.scandir``) into a ``_Listing``; raises ``OSError``."""
+    listing = _Listing(directory, rel)
+    with os.scandir(directory) as entries:
+        ordered = sorted(entries, key=attrgetter("name"))
+    for entry in ordered:
+        if entry.name.startswith(".") or entry.name in RESERVED_FILENAMES:
+            continue
+        if entry.is_symlink():
+            _add_symlink(listing, entry.name, entry.path, root)
+        elif entry.is_dir(follow_symlinks=False):
+            listing.subdirs.append(entry.name)
+        elif entry.is_file(follow_symlinks=False):  # never a FIFO or device: reads could hang
+            _add_file(listing, entry.name, entry.path)
+    return listing
+
+
+def _extension(name: str) -> str:
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 else ""
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _add_symlink(listing: _Listing, name: str, path: str, root: str) -> None:
+    """Index a symlink by its real target; one leaving the root is kept as a None entry."""
+    real = os.path.realpath(path)
+    if not _inside(real, root):
+        ext = _extension(name)
+        if ext in IMAGE_EXTENSIONS:
+            _add_image(listing, name, None)
+        elif ext in JSON_EXTENSIONS:
+            listing.json_files[name] = None
+        else:
+            listing.escaped.append(name)
+    elif os.path.isdir(real):
+        logger.debug("not following symlinked directory %s", listing.rel_of(name))
+    elif os.path.isfile(real):
+        _add_file(listing, name, real)
+
+
+def _add_file(listing: _Listing, name: str, path: str) -> None:
+    ext = _extension(name)
+    if ext in IMAGE_EXTENSIONS:
+        _add_image(listing, name, path)
+    elif ext in JSON_EXTENSIONS:
+        listing.json_files[name] = path
+    elif ext in _OTHER_IMAGE_EXTENSIONS:
+        listing.other_images.append(name)
+
+
+def _add_image(listing: _Listing, name: str, path: str | None) -> None:
+    listing.images[name] = path
+    listing.by_stem.setdefault(name[: name.rfind(".")], name)
+
+
+class _DumpWalker:
+    """One pass over a dump; holds the ids seen and the images claimed so far."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self.seen_ids: set[str] = set()
+        # Claimed image names per directory; popped once that directory's bare pass ran.
+        self.claimed: dict[str, set[str]] = {}
+        # Listings scanned ahead (an images/ folder a JSON looked into); popped when walked.
+        self.listings: dict[str, _Listing] = {}
+
+    def walk(self) -> Iterator[Entry]:
+        stack: list[tuple[str, str]] = [(self.root, "")]
+        while stack:
+            directory, rel = stack.pop()
+            try:
+                listing = self.listings.pop(directory, None) or _scan(directory, rel, self.root)
+            except OSError as exc:
+                if directory == self.root:
+                    raise DumpError(f"cannot list dump root {directory}: {exc}") from exc
+                yield SkippedEntry(rel, "unreadable", str(exc))
+                continue
+            yield from self._directory(listing)
+            for name in reversed(listing.subdirs):
+                stack.append((listing.path_of(name), listing.rel_of(name)))
+
+    def _directory(self, listing: _Listing) -> Iterator[Entry]:
+        for name in listing.escaped:
+            yield SkippedEntry(listing.rel_of(name), "outside_root", "symlink leaves the dump")
+        documents = [n for n in listing.json_files if not _is_sidecar_name(listing, n)]
+        sidecars = [n for n in listing.json_files if _is_sidecar_name(listing, n)]
+        for name in documents + sidecars:
+            yield from self._json_file(listing, name)
+        yield from self._bare_images(listing)
+        self.claimed.pop(listing.path, None)
+
+    # ---- JSON ------------------------------------------------------------------------
+
+    def _json_file(self, listing: _Listing, name: str) -> Iterator[Entry]:
+        rel = listing.rel_of(name)
+        path = listing.json_files[name]
+        if path is None:
+            yield SkippedEntry(rel, "outside_root", "symlink leaves the dump")
+            return
+        if _extension(name) in _JSONL_EXTENSIONS:
+            yield from self._jsonl_file(listing, rel, path)
+            return
+        try:
+            with open(path, "rb") as handle:
+                content = handle.read()
+        except OSError as exc:
+            yield SkippedEntry(rel, "unreadable", str(exc))
+            return
+        try:
+            document = orjson.loads(content)
+        except orjson.JSONDecodeError as exc:
+            if _looks_like_jsonl(content):
+                yield from self._jsonl_lines(listing, rel, content.splitlines())
+            else:
+                yield SkippedEntry(rel, "bad_json", str(exc))
+            return
+        stem = name[: name.rfind(".")]
+        yield from self._document(listing, rel, document, sidecar_stem=stem)
+
+    def _jsonl_file(self, listing: _Listing, rel: str, path: str) -> Iterator[Entry]:
+        try:
+            with open(path, "rb") as handle:
+                yield from self._jsonl_lines(listing, rel, handle)
+        except OSError as exc:
+            yield SkippedEntry(rel, "unreadable", str(exc))
+
+    def _jsonl_lines(self, listing: _Listing, rel: str, lines: Iterable[bytes]) -> Iterator[Entry]:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{rel}:{number}"
+            try:
+                document = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                yield SkippedEntry(where, "bad_json", str(exc))
+                continue
+            yield from self._document(listing, where, document, sidecar_stem=None)
+
+    def _document(
+        self, listing: _Listing, rel: str, document: Any, *, sidecar_stem: str | None
+    ) -> Iterator[Entry]:
+        """Yield the entries of one parsed JSON value (page, list, flat record or item)."""
+        if isinstance(document, dict) and isinstance(document.get("items"), list):
+            items: list[Any] = document["items"]
+            sidecar_stem = None
+        elif isinstance(document, list):
+            items, sidecar_stem = document, None
+        elif isinstance(document, dict) and (_FLAT_KEY in document or _ITEM_KEYS & document.keys()):
+            items = [document]
+        else:
+            yield SkippedEntry(rel, "unknown_json", "neither an API page, an item nor a record")
+            return
+        for index, item in enumerate(items):
+            where = rel if len(items) == 1 else f"{rel}#{index}"
+            yield self._item(listing, where, item, sidecar_stem)
+
+    def _item(self, listing: _Listing, rel: str, item: Any, sidecar_stem: str | None) -> Entry:
+        if not isinstance(item, dict):
+            return SkippedEntry(rel, "bad_item", f"an item must be an object, not {type(item)}")
+        sidecar = sidecar_stem if sidecar_stem in listing.by_stem else None
+        ident = _as_id(item.get(_FLAT_KEY, item.get("id"))) or sidecar
+        if ident is None:
+            return SkippedEntry(rel, "bad_item", "the item has no id")
+        if ident in self.seen_ids:
+            return SkippedEntry(rel, "duplicate_id", f"id {ident} was read before")
+        url = item.get("url") if isinstance(item.get("url"), str) else None
+        if sidecar is not None:
+            found: _Found | str = self._sidecar_image(listing, sidecar)
+        else:
+            found = self._locate(listing, ident, url)
+        if isinstance(found, str):
+            return SkippedEntry(rel, found, f"id {ident}: {_REASON_TEXT[found]}")
+        self.seen_ids.add(ident)
+        self.claimed.setdefault(found.directory, set()).add(found.name)
+        return _record(item, ident, Path(found.path))
+
+    def _sidecar_image(self, listing: _Listing, stem: str) -> _Found | str:
+        name = listing.by_stem[stem]
+        path = listing.images[name]
+        if path is None:
+            return "outside_root"
+        if name in self.claimed.get(listing.path, ()):
+            return "duplicate_id"  # an API page or flat record already indexed this image
+        return _Found(listing.path, name, path)
+
+    # ---- image look-up ---------------------------------------------------------------
+
+    def _locate(self, listing: _Listing, ident: str, url: str | None) -> _Found | str:
+        """Find an item's image by id, then by URL file name; a reason code when not found."""
+        places = [listing]
+        images = self._images_folder(listing)
+        if images is not None:
+            places.append(images)
+        escaped = False
+        if _is_safe_name(ident):
+            for place in places:
+                name = place.by_stem.get(ident)
+                if name is not None:
+                    return _found_or_escaped(place, name)
+        else:
+            escaped = True
+        if url is not None:
+            found = self._locate_url(listing, places, url)
+            if not isinstance(found, str) or found == "outside_root":
+                return found
+        return "outside_root" if escaped else "missing_image"
+
+    def _locate_url(self, listing: _Listing, places: list[_Listing], url: str) -> _Found | str:
+        parts = urlsplit(url)
+        if parts.scheme == "file":
+            return "outside_root"
+        if parts.scheme == "" and "/" in url.replace("\\", "/").strip("/"):
+            return self._locate_relative(listing, url)
+        if parts.scheme == "" and url.startswith(("/", "\\")):
+            return "outside_root"
+        name = unquote(parts.path.rsplit("/", 1)[-1])
+        if not _is_safe_name(name):
+            return "outside_root"
+        for place in places:
+            if name in place.images:
+                return _found_or_escaped(place, name)
+        return "missing_image"
+
+    def _locate_relative(self, listing: _Listing, reference: str) -> _Found | str:
+        """A scheme-less URL is a path relative to the JSON; never one that leaves the root."""
+        pieces = unquote(reference).replace("\\", "/").split("/")
+        if reference.startswith(("/", "\\")) or any(p in ("", ".", "..") for p in pieces):
+            return "outside_root"
+        directory, rel = listing.path, listing.rel
+        place: _Listing | None = listing
+        for piece in pieces[:-1]:
+            if place is None or piece not in place.subdirs:
+                return "missing_image"
+            directory, rel = os.path.join(directory, piece), f"{rel}/{piece}" if rel else piece
+            place = self._listing_of(directory, rel)
+        if place is None or pieces[-1] not in place.images:
+            return "missing_image"
+        return _found_or_escaped(place, pieces[-1])
+
+    def _images_folder(self, listing: _Listing) -> _Listing | None:
+        """The listing of ``images/`` beside a JSON, looked up once per directory."""
+        if not listing.images_folder_known:
+            listing.images_folder_known = True
+            if _IMAGES_DIR in listing.subdirs:
+                listing.images_folder = self._listing_of(
+                    listing.path_of(_IMAGES_DIR), listing.rel_of(_IMAGES_DIR)
+                )
+        return listing.images_folder
+
+    def _listing_of(self, directory: str, rel: str) -> _Listing | None:
+        """A directory's listing, scanned once and kept until the walk reaches it."""
+        listing = self.listings.get(directory)
+        if listing is None:
+            try:
+                listing = _scan(directory, rel, self.root)
+            except OSError:
+                return None
+            self.listings[directory] = listing
+        return listing
+
+    # ---- bare images -----------------------------------------------------------------
+
+    def _bare_images(self, listing: _Listing) -> Iterator[Entry]:
+        claimed = self.claimed.get(listing.path, set())
+        for name, path in listing.images.items():
+            if name in claimed:
+                continue
+            rel = listing.rel_of(name)
+            if path is None:
+                yield SkippedEntry(rel, "outside_root", "symlink leaves the dump")
+                continue
+            ident = rel[: rel.rfind(".")]
+            if ident in self.seen_ids:
+                yield SkippedEntry(rel, "duplicate_id", f"id {ident} was read before")
+                continue
+            self.seen_ids.add(ident)
+            yield _bare_record(ident, Path(path))
+        for name in listing.other_images:
+            yield SkippedEntry(listing.rel_of(name), "unsupported_format", "not JPEG/PNG/WebP/GIF")
+
+
+_REASON_TEXT: Final = {
+    "missing_image": "no image file found by id or URL file name",
+    "outside_root": "the image reference leaves the dump root",
+    "duplicate_id": "its image was already read from another record",
+}
+
+
+def _is_sidecar_name(listing: _Listing, name: str) -> bool:
+    return _extension(name) == ".json" and name[: name.rfind(".")] in listing.by_stem
+
+
+def _is_safe_name(name: str) -> bool:
+    """A plain file name: no separator, no NUL, not ``.`` or ``..``."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _found_or_escaped(place: _Listing, name: str) -> _Found | str:
+    path = place.images[name]
+    return "outside_root" if path is None else _Found(place.path, name, path)
+
+
+def _looks_like_jsonl(content: bytes) -> bool:
+    """True when a ``.json`` file that failed to parse holds one JSON object per line."""
+    for line in content.splitlines():
+        if line.strip():
+            try:
+                return isinstance(orjson.loads(line), dict)
+            except orjson.JSONDecodeError:
+                return False
+    return False
+
+
+# ---- records -------------------------------------------------------------------------
+
+
+def _as_id(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def _opt_str(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _opt_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def _unwrap_meta(value: Any) -> dict[str, Any]:
+    """civitai's ``meta`` is an object, null, or nested as ``{"id": .., "meta": {...}}``."""
+    if not isinstance(value, dict):
+        return {}
+    inner = value.get("meta")
+    if isinstance(inner, dict) and "prompt" not in value:
+        return inner
+    return value
+
+
+def _nsfw_level(item: dict[str, Any]) -> int:
+    """The highest level any of the item's NSFW fields gives (err on the safe side)."""
+    keys = ("nsfwLevel", "browsingLevel", "nsfw", "original_level", "nsfw_level")
+    levels = [nsfw_level_from_any(item[key]) for key in keys if item.get(key) is not None]
+    return max(levels, default=0)
+
+
+def _record(item: dict[str, Any], ident: str, path: Path) -> DumpRecord:
+    if _FLAT_KEY in item:
+        return _flat_record(item, ident, path)
+    meta = _unwrap_meta(item.get("meta"))
+    return DumpRecord(
+        id=ident,
+        image_path=path,
+        url=_opt_str(item.get("url")),
+        prompt=normalise_prompt(meta.get("prompt", item.get("prompt"))),
+        negative_prompt=normalise_prompt(meta.get("negativePrompt", item.get("negativePrompt"))),
+        tags=normalise_tags(item.get("tags")),
+        nsfw_level=_nsfw_level(item),
+        base_model=_opt_str(item.get("baseModel") or meta.get("baseModel")),
+        model_name=_opt_str(meta.get("Model") or meta.get("model")),
+        created_at=_opt_str(item.get("createdAt")),
+        username=_opt_str(item.get("username")),
+        width=_opt_int(item.get("width")),
+        height=_opt_int(item.get("height")),
+        stats=item["stats"] if isinstance(item.get("stats"), dict) else {},
+        meta=meta,
+    )
+
+
+def _flat_record(item: dict[str, Any], ident: str, path: Path) -> DumpRecord:
+    """The flat record ``{image_id, url, created_at, prompt, model, original_level, tags}``."""
+    return DumpRecord(
+        id=ident,
+        image_path=path,
+        url=_opt_str(item.get("url")),
+        prompt=normalise_prompt(item.get("prompt")),
+        negative_prompt=normalise_prompt(item.get("negative_prompt")),
+        tags=normalise_tags(item.get("tags")),
+        nsfw_level=_nsfw_level(item),
+        base_model=_opt_str(item.get("base_model")),
+        model_name=_opt_str(item.get("model")),
+        created_at=_opt_str(item.get("created_at")),
+        username=_opt_str(item.get("username")),
+        width=_opt_int(item.get("width")),
+        height=_opt_int(item.get("height")),
+    )
+
+
+def _bare_record(ident: str, path: Path) -> DumpRecord:
+    embedded = read_embedded_metadata(path)
+    params = dict(embedded.params)
+    return DumpRecord(
+        id=ident,
+        image_path=path,
+        prompt=normalise_prompt(embedded.prompt),
+        negative_prompt=normalise_prompt(embedded.negative_prompt),
+        model_name=_opt_str(params.get("Model")),
+        meta=params,
+    )
+
+
+# ---- format detection ----------------------------------------------------------------
+
+
+class _FormatSniffer:
+    """Lists the tree and classifies up to ``sample`` JSON files; see ``detect_format``."""
+
+    def __init__(self, root: Path, sample: int) -> None:
+        self.root = str(root)
+        self.budget = sample
+        self.kinds: set[str] = set()
+
+    def detect(self) -> str:
+        # (directory, rel, whether its parent holds JSON that may claim an images/ folder)
+        stack: list[tuple[str, str, bool]] = [(self.root, "", False)]
+        while stack:
+            directory, rel, parent_has_json = stack.pop()
+            try:
+                listing = _scan(directory, rel, self.root)
+            except OSError:
+                continue
+            covered = parent_has_json and os.path.basename(directory) == _IMAGES_DIR
+            self._classify(listing, covered=covered)
+            for name in listing.subdirs:
+                stack.append(
+                    (listing.path_of(name), listing.rel_of(name), bool(listing.json_files))
+                )
+        if not self.kinds:
+            return FORMAT_EMPTY
+        return self.kinds.pop() if len(self.kinds) == 1 else FORMAT_MIXED
+
+    def _classify(self, listing: _Listing, *, covered: bool) -> None:
+        for name, path in listing.json_files.items():
+            if self.budget <= 0:
+                break
+            if path is None:
+                continue
+            self.budget -= 1
+            kind = _sniff_json(path)
+            if kind == "item":
+                kind = FORMAT_SIDECAR if _is_sidecar_name(listing, name) else FORMAT_API
+            if kind is not None:
+                self.kinds.add(kind)
+        if listing.images and not listing.json_files and not covered:
+            self.kinds.add(FORMAT_BARE)
+
+
+def _sniff_json(path: str) -> str | None:
+    """Classify a JSON file by its content: API page/list, flat record, single item, or None."""
+    try:
+        with open(path, "rb") as handle:
+            if _extension(path) in _JSONL_EXTENSIONS:
+                document: Any = [orjson.loads(handle.readline())]
+            else:
+                document = orjson.loads(handle.read())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if isinstance(document, dict) and isinstance(document.get("items"), list):
+        return FORMAT_API
+    first = document[0] if isinstance(document, list) and document else document
+    if not isinstance(first, dict):
+        return None
+    if _FLAT_KEY in first:
+        return FORMAT_FLAT
+    if _ITEM_KEYS & first.keys():
+        return FORMAT_API if isinstance(document, list) else "item"
+    return None
