@@ -227,9 +227,8 @@ def index_dump(
     report = IndexReport()
     started = time.monotonic()
     last_checkpoint = started
+    # Encoders load lazily on the first batch, so a run with nothing new starts no model.
     batcher = _Batcher(catalog, encoders, report, config.batch_size)
-    for encoder in encoders.values():
-        encoder.load()
     bar = tqdm(unit="img", desc="indexing", disable=not config.progress, dynamic_ncols=True)
     try:
         for item in _decoded_stream(root, catalog, config, report):
