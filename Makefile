@@ -17,6 +17,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[dev]'
+	# Only for the compatibility test with clip-retrieval's ClipClient (its deps are heavy).
+	$(BIN)/pip install -q --no-deps clip-retrieval==2.45.0
 	touch $@
 
 install: $(VENV)/.installed

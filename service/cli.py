@@ -155,6 +155,83 @@ def delete(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    catalog: CatalogOption = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on [env LOOKALIKE_HOST]")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on [env LOOKALIKE_PORT]")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default auto)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32 or bf16")] = None,
+) -> None:
+    """Serve the HTTP API (and web page) over a catalog."""
+    settings = settings_from(catalog=catalog, host=host, port=port, device=device, dtype=dtype)
+    run_server(settings, what=f"catalog {settings.catalog}")
+
+
+@app.command()
+def demo(
+    port: Annotated[int | None, typer.Option(help="Port to listen on [env LOOKALIKE_PORT]")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on [env LOOKALIKE_HOST]")
+    ] = None,
+    data: Annotated[Path, typer.Option(help="Where the sample dump and catalog go")] = Path("data"),
+    count: Annotated[int, typer.Option(help="Images in the sample dump")] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed of the sample dump")] = 0,
+) -> None:
+    """Build a sample dump and an offline-profile catalog under DATA when missing, then serve."""
+    from indexer.build import open_for_indexing
+    from indexer.pipeline import PipelineConfig, index_dump
+    from indexer.sample_dump import TRUTH_FILENAME, write_sample_dump
+
+    dump = data / "sample-dump"
+    settings = settings_from(catalog=data / "demo-catalog", host=host, port=port, profile="offline")
+    if not (dump / TRUTH_FILENAME).exists():  # written last: its presence means the dump is whole
+        typer.echo(f"writing a sample dump of {count} images to {dump} ...", err=True)
+        write_sample_dump(dump, count=count, seed=seed)
+    # Incremental: a finished catalog is checked in seconds, an interrupted one is completed.
+    cat, encoders = open_for_indexing(
+        settings.catalog, profile="offline", overrides={}, device=settings.device, dtype="fp32"
+    )
+    with cat:
+        report = index_dump(dump, cat, encoders, PipelineConfig(progress=sys.stderr.isatty()))
+    typer.echo(report.summary(), err=True)
+    run_server(settings, what=f"the demo catalog {settings.catalog}")
+
+
+def run_server(settings: Settings, what: str) -> None:
+    """Open the engine (errors surface here, before listening), then serve until interrupted."""
+    import uvicorn
+
+    from service.app import configure_logging, create_app, open_engine
+
+    configure_logging(json_lines=settings.log_json)
+    engine = open_engine(settings)
+    try:
+        engine.load()  # a missing model is reported here, before the port is opened
+        items = engine.stats().get("items", 0)
+        url = f"http://{_url_host(settings.host)}:{settings.port}"
+        typer.echo(f"lookalike: serving {what} ({items} images) at {url}  (API docs: {url}/docs)")
+        uvicorn.run(
+            create_app(settings, engine),
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,  # ours has no client address and no query string
+            proxy_headers=False,  # X-Forwarded-For is read by the app when trusted
+            server_header=False,
+        )
+    finally:
+        engine.close()
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
 def main() -> None:
     """Entry point: run a command, translating domain errors into a message and exit code 2."""
     try:

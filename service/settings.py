@@ -29,10 +29,53 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
+    # -- HTTP service -------------------------------------------------------------------------
+    max_upload_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024, description="body limit of /v1/search, /knn-service"
+    )
+    max_json_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="body limit of every other endpoint"
+    )
+    worker_threads: int = Field(
+        default=40, ge=1, le=1000, description="threads running blocking engine calls at once"
+    )
+    image_workers: int = Field(
+        default=4, ge=1, le=64, description="uploaded images decoded at once (bounds memory)"
+    )
+    max_page: int = Field(default=100, ge=1, le=1000, description="most items a page may ask for")
+    max_knn_results: int = Field(default=1000, ge=1, le=10_000, description="cap on num_images")
+    rate_limit_per_s: float = Field(
+        default=20.0, ge=0, description="sustained requests/s per client; 0 turns the limit off"
+    )
+    rate_limit_burst: int = Field(default=60, ge=1, description="requests a client may burst")
+    rate_limit_clients: int = Field(
+        default=100_000, ge=1, description="clients remembered (the least recent are dropped)"
+    )
+    trust_forwarded_for: bool = Field(
+        default=False, description="identify clients by X-Forwarded-For (behind a trusted proxy)"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed to call the API from a browser"
+    )
+    image_url_fetch: bool = Field(
+        default=False, description="let /knn-service fetch `image_url` (public addresses only)"
+    )
+    image_url_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    image_url_max_redirects: int = Field(default=3, ge=0, le=10)
+    log_json: bool = Field(default=True, description="structured (JSON lines) logs from `serve`")
+
     @field_validator("catalog")
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard_origin(cls, value: list[str]) -> list[str]:
+        # A wildcard would let any web page drive a user's session from their browser.
+        if "*" in value:
+            raise ValueError("cors_origins must list origins explicitly; '*' is refused")
+        return value
 
     def model_overrides(self) -> dict[str, str]:
         """Per-space model names given by the user (hub ids or local directories)."""

@@ -61,7 +61,9 @@ def tiny_dinov2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
             if name.endswith(".gamma"):
                 param.fill_(1.0)
     out = tmp_path_factory.mktemp("tiny_dinov2")
-    save_for_hf(model, str(out), safe_serialization=True)
+    # model_args spelled out: timm < 1.0.31 does not record the factory's kwargs by itself
+    model_args = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 56, "num_classes": 0}
+    save_for_hf(model, str(out), model_args=model_args, safe_serialization=True)
     return str(out)
 
 

@@ -1,0 +1,567 @@
+"""Service benchmark: /v1/feed latency and throughput on loopback, and ANN recall, per catalog size.
+
+For each size a catalog is built (once, cached under ``--cache``) with the offline profile's
+spaces and synthetic vectors shaped like real embeddings (see ``Embeddings``). Then, in the
+same run:
+
+* recall@100 of the catalog's index (the tuned IVF past 100k items) against exact search over
+  the same vectors, on held-out queries from the same distribution, and the time per query of
+  each (the exact search is the baseline);
+* the engine's own share of a feed request, in process: CPU and wall time of ``Engine.feed``;
+* the HTTP service in a subprocess (``create_app`` under uvicorn, rate limit off), loaded by a
+  minimal keep-alive HTTP/1.1 client so the load generator takes little CPU from the server:
+  a closed loop of ``--concurrency`` clients gives the most requests/s, and an open loop at
+  ``--rate`` requests/s (Poisson arrivals, latency from the scheduled send time, so queueing
+  is counted) gives p50 / p99 latency; ``/healthz`` under the same open loop is the baseline
+  for what the framework alone costs.
+
+    python benchmarks/service.py                      # 100k and 1M items
+    python benchmarks/service.py --items 20000 --duration 5     # CI-sized
+
+Prints a table and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from indexer.catalog import Catalog, NewItem  # noqa: E402
+from indexer.encoders import EncoderSpec, l2_normalise, profile_specs  # noqa: E402
+from indexer.records import DumpRecord  # noqa: E402
+
+log = logging.getLogger("benchmarks.service")
+
+BATCH = 20_000
+RECALL_K = 100
+WORDS = (
+    "portrait landscape city forest ocean neon cyberpunk castle dragon robot flower cat dog "
+    "sunset night snow desert mountain river girl knight ship space star galaxy ruins temple "
+    "painting photo anime watercolor sketch cinematic detailed masterpiece soft dramatic"
+).split()
+TAGS = [f"tag{i}" for i in range(200)]
+BASE_MODELS = ("SD 1.5", "SDXL 1.0", "Pony", "Flux.1 D")
+
+
+# --------------------------------------------------------------------------- synthetic catalog
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Unit vectors of a Gaussian on a ``rank``-dimensional subspace plus isotropic noise.
+
+    With rank 12 and noise 0.2 the nearest neighbours sit at cosines like those of real image
+    embeddings (about 0.89 for the first, 0.77 for the 100th) and an IVF index needs a few
+    percent of its lists probed for recall@100 >= 0.95, as on real data; clustered or uniform
+    vectors would make it look much better or much worse than it is.
+    """
+
+    dim: int
+    rank: int
+    noise: float
+    seed: int
+
+    def basis(self) -> NDArray[np.float32]:
+        rng = np.random.default_rng([self.seed, self.dim, 0])
+        return rng.normal(size=(self.rank, self.dim)).astype(np.float32) / math.sqrt(self.rank)
+
+    def sample(self, stream: int, count: int) -> NDArray[np.float32]:
+        """``count`` vectors of stream ``stream`` (deterministic: same stream, same vectors)."""
+        rng = np.random.default_rng([self.seed, self.dim, 1, stream])
+        signal = rng.normal(size=(count, self.rank)).astype(np.float32) @ self.basis()
+        return l2_normalise(signal + self.noise * rng.normal(size=(count, self.dim)))
+
+
+def embeddings(
+    specs: dict[str, EncoderSpec], rank: int, noise: float, seed: int
+) -> dict[str, Embeddings]:
+    return {space: Embeddings(spec.dim, rank, noise, seed) for space, spec in specs.items()}
+
+
+def build_catalog(path: Path, items: int, rank: int, noise: float, seed: int) -> float:
+    """Build the synthetic catalog at ``path`` unless a finished one is there; seconds spent."""
+    done = path / "BENCHMARK_COMPLETE"
+    if done.exists():
+        return float(done.read_text())
+    if path.exists():
+        shutil.rmtree(path)
+    started = time.perf_counter()
+    specs = profile_specs("offline", {})
+    mix = embeddings(specs, rank, noise, seed)
+    path.mkdir(parents=True)
+    image = path / "placeholder.png"
+    image.write_bytes(_tiny_png())
+    rng = np.random.default_rng([seed, 2])
+    catalog = Catalog.create_or_open(path, specs)
+    with catalog:
+        for batch, start in enumerate(range(0, items, BATCH)):
+            count = min(BATCH, items - start)
+            records = [_new_item(start + i, image, rng) for i in range(count)]
+            vectors = {space: m.sample(batch, count) for space, m in mix.items()}
+            catalog.add(records, vectors)
+            log.info("added %d / %d items", start + count, items)
+        catalog.checkpoint()
+    elapsed = time.perf_counter() - started
+    done.write_text(f"{elapsed:.1f}")
+    return elapsed
+
+
+def _new_item(i: int, image: Path, rng: np.random.Generator) -> NewItem:
+    words = rng.choice(len(WORDS), size=8, replace=False)
+    tags = rng.choice(len(TAGS), size=4, replace=False)
+    record = DumpRecord(
+        id=f"b{i}",
+        image_path=image,
+        prompt=", ".join(WORDS[w] for w in words),
+        tags=tuple(TAGS[t] for t in tags),
+        nsfw_level=int(rng.integers(0, 3)),
+        base_model=BASE_MODELS[i % len(BASE_MODELS)],
+    )
+    return NewItem(
+        record=record,
+        file=str(image),
+        content_hash=f"bench{i}",
+        file_size=1,
+        file_mtime_ns=1,
+        width=512,
+        height=512,
+    )
+
+
+def _tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), "gray").save(out, format="PNG")
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------- recall
+
+
+@dataclass
+class RecallResult:
+    index: str
+    nprobe: int | None
+    recall_at_100: float
+    ann_ms_per_query: float
+    exact_ms_per_query: float
+
+
+def measure_recall(
+    path: Path, items: int, rank: int, noise: float, seed: int, queries: int
+) -> RecallResult:
+    """recall@100 of the catalog's primary-space index against exact search, same queries."""
+    import faiss
+
+    specs = profile_specs("offline", {})
+    mix = embeddings(specs, rank, noise, seed)["visual"]
+    exact = faiss.IndexFlatIP(mix.dim)
+    for batch, start in enumerate(range(0, items, BATCH)):
+        exact.add(mix.sample(batch, min(BATCH, items - start)))
+    held_out = mix.sample(10**6, queries)
+    with Catalog.open(path) as catalog:
+        info = catalog.indexes["visual"].info
+        started = time.perf_counter()
+        found = [catalog.search("visual", q[None, :], RECALL_K)[1][0] for q in held_out]
+        ann_s = time.perf_counter() - started
+        started = time.perf_counter()
+        truth = [exact.search(q[None, :], RECALL_K)[1][0] for q in held_out]
+        exact_s = time.perf_counter() - started
+    # Catalog keys are 1-based insertion order (SQLite AUTOINCREMENT); exact rows are 0-based.
+    hits = [
+        len(set(f.tolist()) & {int(t) + 1 for t in row})
+        for f, row in zip(found, truth, strict=True)
+    ]
+    return RecallResult(
+        index=info.kind,
+        nprobe=info.nprobe,
+        recall_at_100=float(np.mean(hits) / RECALL_K),
+        ann_ms_per_query=1000 * ann_s / queries,
+        exact_ms_per_query=1000 * exact_s / queries,
+    )
+
+
+# --------------------------------------------------------------------------- engine share
+
+
+@dataclass
+class EngineShare:
+    feed_cpu_ms_p50: float
+    feed_cpu_ms_p99: float
+    feed_wall_ms_p50: float
+    feed_wall_ms_p99: float
+
+
+def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int) -> EngineShare:
+    """CPU and wall time of ``Engine.feed`` in this process (no HTTP), one call at a time."""
+    from recommender.api import ItemQuery
+    from recommender.engine import Engine
+
+    rng = np.random.default_rng([seed, 3])
+    engine = Engine.from_catalog(path, seed=seed)
+    try:
+        ids = [
+            engine.search(ItemQuery(f"b{rng.integers(items)}")).session_id for _ in range(sessions)
+        ]
+        cpu, wall = [], []
+        for n in range(calls):
+            c0, w0 = time.process_time(), time.perf_counter()
+            engine.feed(ids[n % len(ids)])
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+    finally:
+        engine.close()
+    return EngineShare(
+        feed_cpu_ms_p50=_ms(cpu, 50),
+        feed_cpu_ms_p99=_ms(cpu, 99),
+        feed_wall_ms_p50=_ms(wall, 50),
+        feed_wall_ms_p99=_ms(wall, 99),
+    )
+
+
+def _ms(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000, q)) if values else float("nan")
+
+
+# --------------------------------------------------------------------------- HTTP load
+
+
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client: a request costs the load generator ~50 µs."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
+        if body:
+            head += "Content-Type: application/json\r\n"
+        self.writer.write(head.encode() + b"\r\n" + body)
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(raw[9:12])
+        length = 0
+        for line in raw.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+async def create_sessions(port: int, count: int, items: int, seed: int) -> list[str]:
+    rng = np.random.default_rng([seed, 4])
+    conn = await Connection.open(port)
+    ids = []
+    for _ in range(count):
+        body = json.dumps({"image_id": f"b{rng.integers(items)}"}).encode()
+        status, answer = await conn.request("POST", "/v1/search", body)
+        if status != 200:
+            raise RuntimeError(f"search failed: {status} {answer[:200]!r}")
+        ids.append(json.loads(answer)["session_id"])
+    conn.close()
+    return ids
+
+
+async def closed_loop(port: int, sessions: list[str], clients: int, seconds: float) -> LoadResult:
+    """``clients`` clients, each scrolling its own sessions back to back, for ``seconds``."""
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(mine: list[str]) -> None:
+        nonlocal errors
+        conn = await Connection.open(port)
+        n = 0
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            status, _ = await conn.request("GET", f"/v1/feed?session_id={mine[n % len(mine)]}")
+            latencies.append(time.perf_counter() - started)
+            errors += status != 200
+            n += 1
+        conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(sessions[i::clients]) for i in range(clients)))
+    return _load_result(latencies, errors, time.perf_counter() - started)
+
+
+async def open_loop(
+    port: int, paths: list[str], rate: float, seconds: float, seed: int
+) -> LoadResult:
+    """Poisson arrivals at ``rate``/s over ``seconds``; latency counts from the scheduled time.
+
+    Each path (a session's feed) is used by one request at a time, as one person scrolls.
+    """
+    rng = np.random.default_rng([seed, 5])
+    arrivals = np.cumsum(rng.exponential(1 / rate, size=int(rate * seconds * 1.5) + 10))
+    arrivals = arrivals[arrivals < seconds]
+    idle: asyncio.Queue[str] = asyncio.Queue()
+    for path in paths:
+        idle.put_nowait(path)
+    pool: list[Connection] = [await Connection.open(port) for _ in range(32)]
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(scheduled: float) -> None:
+        nonlocal errors
+        path = await idle.get()
+        conn = pool.pop() if pool else await Connection.open(port)
+        try:
+            status, _ = await conn.request("GET", path)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            status = 0
+            conn = await Connection.open(port)
+        latencies.append(time.perf_counter() - scheduled)
+        errors += status != 200
+        pool.append(conn)
+        idle.put_nowait(path)
+
+    t0 = time.perf_counter()
+    tasks: dict[asyncio.Task[None], float] = {}
+    for at in arrivals:
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks[asyncio.create_task(one(t0 + float(at)))] = t0 + float(at)
+    # An overloaded server never catches up: stop waiting after as long again, and count what
+    # is still queued as failed, with the time it has waited so far as its latency.
+    _, unfinished = await asyncio.wait(tasks, timeout=seconds)
+    now = time.perf_counter()
+    for task in unfinished:
+        task.cancel()
+        latencies.append(now - tasks[task])
+    await asyncio.gather(*unfinished, return_exceptions=True)
+    elapsed = now - t0
+    for conn in pool:
+        conn.close()
+    return _load_result(latencies, errors + len(unfinished), elapsed)
+
+
+def _load_result(latencies: list[float], errors: int, seconds: float) -> LoadResult:
+    return LoadResult(
+        requests=len(latencies),
+        errors=errors,
+        seconds=round(seconds, 2),
+        rps=len(latencies) / seconds if seconds else 0.0,
+        p50_ms=_ms(latencies, 50),
+        p99_ms=_ms(latencies, 99),
+    )
+
+
+def start_server(path: Path, port: int) -> subprocess.Popen[bytes]:
+    command = [sys.executable, __file__, "--serve", str(path), "--port", str(port)]
+    server = subprocess.Popen(command, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+                if answer.status == 200:
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("the server did not become ready")
+
+
+def serve(path: Path, port: int) -> None:
+    """The server side: the real app over the catalog, rate limiting off, no access log."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings.model_validate({"catalog": path, "rate_limit_per_s": 0})
+    uvicorn.run(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- main
+
+
+@dataclass
+class SizeResult:
+    items: int
+    build_s: float
+    recall: RecallResult
+    engine: EngineShare
+    max_throughput: LoadResult
+    feed_at_rate: LoadResult
+    feed_at_70pct: LoadResult
+    healthz_at_rate: LoadResult
+
+
+def run_size(items: int, args: argparse.Namespace) -> SizeResult:
+    path = args.cache / f"catalog-{items}-rank{args.rank}-noise{args.noise}-seed{args.seed}"
+    build_s = build_catalog(path, items, args.rank, args.noise, args.seed)
+    log.info("catalog of %d items ready (%.0f s to build)", items, build_s)
+    recall = measure_recall(path, items, args.rank, args.noise, args.seed, args.queries)
+    log.info("recall@100 %.3f (%s nprobe %s)", recall.recall_at_100, recall.index, recall.nprobe)
+    engine = measure_engine(path, items, sessions=32, calls=args.engine_calls, seed=args.seed)
+    port = free_port()
+    server = start_server(path, port)
+    try:
+        sessions = asyncio.run(create_sessions(port, args.sessions, items, args.seed))
+        feed_paths = [f"/v1/feed?session_id={s}" for s in sessions]
+        asyncio.run(closed_loop(port, sessions, args.concurrency, min(3.0, args.duration)))  # warm
+        saturated = asyncio.run(closed_loop(port, sessions, args.concurrency, args.duration))
+        at_rate = asyncio.run(open_loop(port, feed_paths, args.rate, args.duration, args.seed))
+        carried = 0.7 * saturated.rps  # a load this server can carry, for its latency there
+        at_70pct = asyncio.run(open_loop(port, feed_paths, carried, args.duration, args.seed))
+        health = asyncio.run(
+            open_loop(port, ["/healthz"] * 64, args.rate, min(5.0, args.duration), args.seed)
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return SizeResult(items, build_s, recall, engine, saturated, at_rate, at_70pct, health)
+
+
+def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
+    columns = (
+        ("items", 9),
+        ("index", 14),
+        ("nprobe", 6),
+        ("recall@100", 10),
+        ("ann/exact ms", 13),
+        ("engine cpu p50/p99", 18),
+        ("max req/s", 9),
+        (f"p50/p99 @{args.rate:g}/s", 19),
+        ("p50/p99 @70% max", 18),
+        ("healthz p99", 11),
+        ("errors", 6),
+    )
+    header = " ".join(f"{name:>{width}}" for name, width in columns)
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        cells = (
+            r.items,
+            r.recall.index,
+            r.recall.nprobe or "-",
+            f"{r.recall.recall_at_100:.3f}",
+            f"{r.recall.ann_ms_per_query:.1f} / {r.recall.exact_ms_per_query:.1f}",
+            f"{r.engine.feed_cpu_ms_p50:.1f} / {r.engine.feed_cpu_ms_p99:.1f}",
+            f"{r.max_throughput.rps:.0f}",
+            f"{r.feed_at_rate.p50_ms:.0f} / {r.feed_at_rate.p99_ms:.0f}",
+            f"{r.feed_at_70pct.p50_ms:.0f} / {r.feed_at_70pct.p99_ms:.0f}",
+            f"{r.healthz_at_rate.p99_ms:.1f}",
+            r.max_throughput.errors + r.feed_at_70pct.errors,
+        )
+        print(
+            " ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, columns, strict=True))
+        )
+    print(
+        "latency in ms; open loops with Poisson arrivals (a queued request's wait counts); "
+        f"errors: non-200 answers in the closed loop and the 70% loop; {_loadavg()}"
+    )
+
+
+def _loadavg() -> str:
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return ""
+    return f"load average during the run {one:.1f} (1 min), {five:.1f} (5 min)"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--items", default="100000,1000000", help="comma-separated sizes")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per load phase")
+    parser.add_argument("--concurrency", type=int, default=8, help="closed-loop clients")
+    parser.add_argument("--rate", type=float, default=200.0, help="open-loop requests/s")
+    parser.add_argument("--sessions", type=int, default=128, help="scrolling sessions")
+    parser.add_argument("--queries", type=int, default=200, help="held-out recall queries")
+    parser.add_argument("--engine-calls", type=int, default=300, help="in-process feed calls")
+    parser.add_argument("--rank", type=int, default=12, help="intrinsic dimension of vectors")
+    parser.add_argument("--noise", type=float, default=0.2, help="isotropic noise per dimension")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=REPO / "benchmarks/out/catalogs")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/out/service.json")
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.serve else logging.INFO)
+    if args.serve:
+        serve(args.serve, args.port)
+        return
+    sizes = [int(s) for s in args.items.split(",") if s.strip()]
+    results = [run_size(items, args) for items in sizes]
+    print_table(results, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load": _loadavg(),
+        },
+        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("serve", "port")},
+        "results": [asdict(r) for r in results],
+    }
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The FastAPI application: ``create_app(settings, engine=None)`` builds everything once.
+
+Middlewares, outermost first: metrics and access log, CORS (only when origins are configured),
+per-client rate limit, request-body limit. The engine is opened in the ``lifespan`` (unless one
+is given, which the caller then owns) and every blocking engine call runs in the thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import orjson
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from recommender.engine import Engine
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import (
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    RateLimitMiddleware,
+    TokenBuckets,
+)
+from service.netguard import FetchLimits, SafeFetcher
+from service.routes import ROUTERS
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+UPLOAD_PATHS = frozenset({"/v1/search", "/knn-service"})
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+IMAGE_COST = 0.2  # one feed page shows ~20 images: fetching them should not cost 20 requests
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's extra fields."""
+
+    _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+        "message",
+        "asctime",
+        "taskName",
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+def configure_logging(*, json_lines: bool) -> None:
+    """Serve-time logging: the service's own INFO lines (access log) on, JSON lines if asked."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.WARNING)
+    if json_lines:
+        for handler in root.handlers:
+            handler.setFormatter(JsonLogFormatter())
+    if logging.getLogger("service").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("service").setLevel(logging.INFO)
+
+
+def open_engine(settings: Settings) -> Engine:
+    """Open the catalog at ``settings.catalog`` with the encoders its manifest records."""
+    return Engine.from_catalog(settings.catalog, device=settings.device, dtype=settings.dtype)
+
+
+def _version() -> str:
+    try:
+        return version("lookalike")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """The lookalike HTTP API over ``engine``, or over an engine opened from ``settings``."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = engine is None
+        current = engine if engine is not None else await run_in_threadpool(open_engine, settings)
+        app.state.engine = current
+        app.state.image_slots = anyio.CapacityLimiter(settings.image_workers)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
+        metrics.bind_engine(current.stats)
+        # Encoders load in the background: /healthz answers at once, /readyz once loaded.
+        threading.Thread(target=_load_encoders, args=(app, current), daemon=True).start()
+        log.info("serving catalog %s (%s)", settings.catalog, ", ".join(current.spaces))
+        try:
+            yield
+        finally:
+            metrics.bind_engine(None)
+            app.state.engine = None
+            if owned:
+                await run_in_threadpool(current.close)
+
+    app = FastAPI(
+        title="lookalike",
+        version=_version(),
+        summary="Drop an image, scroll endlessly; how long you look steers what comes next.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = None
+    app.state.load_error = None
+    app.state.fetcher = (
+        SafeFetcher(
+            FetchLimits(
+                max_bytes=settings.max_upload_bytes,
+                timeout_s=settings.image_url_timeout_s,
+                max_redirects=settings.image_url_max_redirects,
+            )
+        )
+        if settings.image_url_fetch
+        else None
+    )
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    _add_web_page(app)
+
+    # add_middleware wraps what is there: the last one added is the outermost.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit_for=lambda path: (
+            settings.max_upload_bytes if path in UPLOAD_PATHS else settings.max_json_bytes
+        ),
+        metrics=metrics,
+    )
+    if settings.rate_limit_per_s > 0:
+        app.add_middleware(
+            RateLimitMiddleware,
+            buckets=TokenBuckets(
+                settings.rate_limit_per_s, settings.rate_limit_burst, settings.rate_limit_clients
+            ),
+            trust_forwarded_for=settings.trust_forwarded_for,
+            exempt=PROBE_PATHS,
+            cost_for=lambda path: IMAGE_COST if path.startswith("/v1/images/") else 1.0,
+            metrics=metrics,
+        )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Content-Type"],
+            max_age=600,
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _load_encoders(app: FastAPI, engine: Engine) -> None:
+    try:
+        engine.load()
+    except Exception as exc:  # noqa: BLE001 - reported by /readyz, the process keeps serving
+        log.exception("loading the encoders failed")
+        app.state.load_error = f"{type(exc).__name__}: {exc}"
+
+
+def _add_web_page(app: FastAPI) -> None:
+    """Serve the static web page at ``/`` when the package ships one."""
+    index = STATIC_DIR / "index.html"
+    if not index.is_file():
+        return
+
+    @app.get("/", include_in_schema=False)
+    async def web_page() -> FileResponse:
+        return FileResponse(index)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -1,0 +1,63 @@
+"""Dependencies shared by the routes, as ``Annotated`` aliases: the engine, settings, fetcher."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Annotated, Any, TypeVar
+
+import anyio.to_thread
+from fastapi import Depends, Request
+
+from recommender.engine import Engine
+from service.errors import ApiError
+from service.netguard import SafeFetcher
+from service.schemas import ErrorBody
+from service.settings import Settings
+
+
+async def get_engine(request: Request) -> Engine:
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise ApiError(503, "not_ready", "the catalog is not loaded yet")
+    return engine
+
+
+async def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def get_fetcher(request: Request) -> SafeFetcher | None:
+    fetcher: SafeFetcher | None = getattr(request.app.state, "fetcher", None)
+    return fetcher
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+FetcherDep = Annotated[SafeFetcher | None, Depends(get_fetcher)]
+
+
+def check_limit(limit: int | None, maximum: int) -> int | None:
+    """A page size asked for by a client, refused above the configured maximum."""
+    if limit is not None and limit > maximum:
+        raise ApiError(422, "invalid_request", f"limit must be at most {maximum}")
+    return limit
+
+
+def error_docs(*answers: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error answers: (status, when) pairs, all with the error body."""
+    return {status: {"model": ErrorBody, "description": when} for status, when in answers}
+
+
+T = TypeVar("T")
+
+
+async def in_image_slot(request: Request, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run blocking ``func`` in a worker thread, at most ``image_workers`` at once.
+
+    For work that decodes client images: a burst of large uploads then queues instead of
+    holding many decoded canvases in memory together.
+    """
+    limiter: anyio.CapacityLimiter = request.app.state.image_slots
+    return await anyio.to_thread.run_sync(partial(func, *args, **kwargs), limiter=limiter)

@@ -1,0 +1,27 @@
+"""Dwell feedback: stored durably, idempotent by event id, steering the session at once."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter
+
+from service.routes.deps import EngineDep, error_docs
+from service.schemas import FeedbackIn, FeedbackOut
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["feedback"])
+
+
+@router.post(
+    "/feedback",
+    status_code=202,
+    responses=error_docs((404, "unknown or expired session"), (422, "invalid events")),
+)
+def feedback(engine: EngineDep, body: FeedbackIn) -> FeedbackOut:
+    """Record dwell events; answered only once they are committed to the catalog."""
+    result = engine.feedback(body.session_id, [e.to_event() for e in body.events])
+    # Counts only: dwell values never reach the logs.
+    log.info("feedback: %d accepted, %d duplicates", result.accepted, result.duplicates)
+    return FeedbackOut.of(result)
