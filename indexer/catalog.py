@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,20 @@ class CatalogItem:
     created_at: str | None
     username: str | None
     url: str | None
-    stats: dict[str, Any]
-    meta: dict[str, Any]
+    stats_json: str
+    meta_json: str
     source: str
+
+    # Decoded on first use: a feed page reads hundreds of items and needs neither.
+    @cached_property
+    def stats(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.stats_json)
+        return value
+
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.meta_json)
+        return value
 
     @property
     def nsfw_name(self) -> str:
@@ -718,8 +730,8 @@ def _item_from_row(row: Sequence[Any]) -> CatalogItem:
         created_at=row[12],
         username=row[13],
         url=row[14],
-        stats=json.loads(row[15]),
-        meta=json.loads(row[16]),
+        stats_json=row[15],
+        meta_json=row[16],
         source=row[17],
     )
 

@@ -29,7 +29,7 @@ Keys = NDArray[np.int64]
 class IndexPolicy:
     """How the index type is chosen for a space's size."""
 
-    exact_limit: int = 100_000
+    exact_limit: int = 20_000
     recall_target: float = 0.95
     recall_k: int = 100
     tuning_queries: int = 200
@@ -45,6 +45,7 @@ class IndexInfo:
     count: int
     nprobe: int | None = None
     measured_recall: float | None = None
+    trained_on: int | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -52,6 +53,7 @@ class IndexInfo:
             "count": self.count,
             "nprobe": self.nprobe,
             "measured_recall": self.measured_recall,
+            "trained_on": self.trained_on,
         }
 
 
@@ -65,6 +67,7 @@ class VectorIndex:
         self._kind = "Flat"
         self._nprobe: int | None = None
         self._recall: float | None = None
+        self._trained_on: int | None = None
         self._lock = threading.RLock()
 
     # -- size and description -------------------------------------------------------------
@@ -73,7 +76,7 @@ class VectorIndex:
 
     @property
     def info(self) -> IndexInfo:
-        return IndexInfo(self._kind, len(self), self._nprobe, self._recall)
+        return IndexInfo(self._kind, len(self), self._nprobe, self._recall, self._trained_on)
 
     # -- mutation -------------------------------------------------------------------------
     def add(self, keys: Keys, vectors: NDArray[np.float32]) -> None:
@@ -104,11 +107,15 @@ class VectorIndex:
             index, kind, nprobe, recall = self._build_ivf(keys, vectors)
         with self._lock:
             self._index, self._kind, self._nprobe, self._recall = index, kind, nprobe, recall
+            self._trained_on = n if kind.startswith("IVF") else None
 
     def needs_retype(self) -> bool:
-        """True when the space outgrew (or shrank below) the index type it has."""
+        """True when the space outgrew (or shrank below) the index type it has, or grew so far
+        past what its IVF lists were trained on that they are too coarse to keep recall."""
         want_ivf = len(self) > self.policy.exact_limit
-        return want_ivf != self._kind.startswith("IVF")
+        if want_ivf != self._kind.startswith("IVF"):
+            return True
+        return want_ivf and len(self) > 4 * (self._trained_on or 0)
 
     # -- reading --------------------------------------------------------------------------
     def search(
@@ -174,6 +181,8 @@ class VectorIndex:
         self._nprobe = int(nprobe) if isinstance(nprobe, int | float) else None
         recall = info.get("measured_recall")
         self._recall = float(recall) if isinstance(recall, int | float) else None
+        trained = info.get("trained_on")
+        self._trained_on = int(trained) if isinstance(trained, int | float) else None
         return self
 
     # -- internals ------------------------------------------------------------------------

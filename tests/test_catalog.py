@@ -193,3 +193,17 @@ def test_crash_before_first_manifest_starts_afresh(tmp_path: Path) -> None:
     (tmp_path / "cat" / DATABASE).write_bytes(b"half-written")
     cat = Catalog.create_or_open(tmp_path / "cat", SPECS)
     assert len(cat) == 0
+
+
+def test_ivf_is_retrained_when_the_space_outgrows_its_lists(tmp_path: Path) -> None:
+    policy = IndexPolicy(exact_limit=100, recall_target=0.8, recall_k=10, tuning_queries=20)
+    cat = Catalog.create_or_open(tmp_path / "cat", SPECS, policy=policy)
+    rng = np.random.default_rng(4)
+    cat.add(*make_items(0, 200, rng))
+    cat.checkpoint()
+    first = cat.info()["spaces"]["visual"]
+    assert first["index"].startswith("IVF") and first["trained_on"] == 200
+    cat.add(*make_items(200, 700, rng))
+    cat.checkpoint()
+    grown = cat.info()["spaces"]["visual"]
+    assert grown["trained_on"] == 900 and grown["index"] != first["index"]
