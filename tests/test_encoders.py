@@ -25,6 +25,7 @@ from indexer.encoders import (
     create_encoder,
     get_spec,
     profile_specs,
+    resolve_spec,
 )
 from indexer.errors import ModelNotFoundError, UnknownEncoderError
 
@@ -149,6 +150,13 @@ def test_create_encoder_arguments() -> None:
     assert encoder.spec.model == "/models/dino" and encoder.batch_size == 8
     assert encoder.space == "visual" and encoder.modality == "image"
     assert create_encoder("text").modality == "text"
+
+
+def test_resolve_spec_without_loading() -> None:
+    assert resolve_spec(get_spec("pixels")) == get_spec("pixels")
+    # not cached here, and nothing was loaded: the registry's values stand
+    uncached = dataclasses.replace(get_spec("clip"), model="lookalike-test/no-such-clip")
+    assert resolve_spec(uncached) == uncached
 
 
 # --- missing models ----------------------------------------------------------------------------
@@ -280,6 +288,16 @@ def test_dinov2_loads_local_dir_and_embeds(dinov2: Encoder, images: list[Image.I
     assert sims[0, 2] < 0.99 and sims[0, 3] < 0.99  # different images, different vectors
 
 
+def test_loaded_spec_equals_resolve_spec(
+    dinov2: Encoder, clip: ClipEncoder, tiny_dinov2_dir: str, tiny_clip_dir: str
+) -> None:
+    """What a manifest records can be known before loading, and loading agrees with it."""
+    for encoder, model in ((dinov2, tiny_dinov2_dir), (clip, tiny_clip_dir)):
+        before = create_encoder(encoder.name, model=model).spec
+        assert resolve_spec(before) == encoder.spec
+        assert encoder.spec.model == str(Path(model).resolve())
+
+
 def test_dinov2_local_dir_prefix_and_own_size(tiny_dinov2_dir: str) -> None:
     encoder = DinoV2Encoder(
         dataclasses.replace(get_spec("dinov2"), model="local-dir:" + tiny_dinov2_dir),
@@ -401,6 +419,7 @@ def test_minilm_bundled_offline(minilm: Encoder) -> None:
     assert minilm.dim == 384
     assert minilm.spec.model == "sentence-transformers/all-MiniLM-L6-v2"
     assert minilm.spec.revision.startswith("local-")
+    assert resolve_spec(get_spec("text")) == minilm.spec
     texts = ["a photo of a cat", "a picture of a kitten", "quarterly tax report", ""]
     vectors = minilm.embed_batch(texts)
     assert_unit_rows(vectors[:3], 3, 384)

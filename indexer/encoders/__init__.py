@@ -3,6 +3,7 @@
 Importing this package imports no torch; a torch family imports its framework in ``load()``.
 """
 
+from indexer.encoders._identity import resolve_spec
 from indexer.encoders.base import (
     SPACES,
     Encoder,
@@ -47,4 +48,5 @@ __all__ = [
     "get_spec",
     "l2_normalise",
     "profile_specs",
+    "resolve_spec",
 ]

@@ -7,21 +7,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from indexer.encoders._hub import (
-    ModelSource,
-    hub_errors,
-    hub_revision,
-    local_fingerprint,
-    model_not_found,
-    resolve_source,
-)
+from indexer.encoders._hub import ModelSource, hub_errors, model_not_found, resolve_source
+from indexer.encoders._identity import settle_spec
 from indexer.encoders._imaging import as_rgb, crops_u8
 from indexer.encoders.base import EncoderSpec, ImageEncoder, Vectors
 
@@ -88,13 +81,14 @@ class ClipEncoder(ImageEncoder):
         self._tokenizer = tokenizer
         self._max_tokens = int(model.config.text_config.max_position_embeddings)
         self._model = model.eval().to(self.device, self.torch_dtype)
-        if source.local is not None:
-            model_ref, revision = str(source.local), local_fingerprint(source.local)
-        else:
-            model_ref, revision = self.spec.model, hub_revision(self.spec.model)
-        dim = int(model.config.projection_dim)
-        self.spec = replace(self.spec, model=model_ref, revision=revision, dim=dim)
-        log.info("clip %s loaded (dim %d, %s, %s)", model_ref, dim, self.device, self.torch_dtype)
+        self.spec = settle_spec(self.spec, int(model.config.projection_dim))
+        log.info(
+            "clip %s loaded (dim %d, %s, %s)",
+            self.spec.model,
+            self.dim,
+            self.device,
+            self.torch_dtype,
+        )
 
     def _configure_preprocessing(self, processor: Any) -> None:
         size, crop = processor.size, processor.crop_size

