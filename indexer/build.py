@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from indexer.catalog import MANIFEST, Catalog
-from indexer.encoders import Encoder, EncoderSpec, create_encoder, profile_specs
+from indexer.encoders import Encoder, EncoderSpec, create_encoder, profile_specs, resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,15 @@ def choose_specs(
 ) -> dict[str, EncoderSpec]:
     """Specs for indexing into ``catalog_path``.
 
-    An existing catalog keeps the encoders it was built with unless a profile is named (then
-    Catalog.open refuses a mismatch clearly); a new one uses the profile, ``default`` if none.
+    An existing catalog keeps the encoders it was built with unless a profile or model is
+    named (then Catalog.open refuses a mismatch clearly); a new one uses the profile,
+    ``default`` if none.
     """
     recorded = recorded_specs(catalog_path)
     if recorded is not None and profile is None and not overrides:
         return recorded
-    return profile_specs(profile or DEFAULT_PROFILE, dict(overrides))
+    specs = profile_specs(profile or DEFAULT_PROFILE, dict(overrides))
+    return {space: resolve_spec(spec) for space, spec in specs.items()}
 
 
 def create_encoders(
@@ -66,5 +68,11 @@ def open_for_indexing(
 ) -> tuple[Catalog, dict[str, Encoder]]:
     """Open (or create) the catalog and the encoders that fill it, checking they match."""
     specs = choose_specs(catalog_path, profile, overrides)
-    catalog = Catalog.create_or_open(catalog_path, specs)
-    return catalog, create_encoders(specs, device, dtype)
+    encoders = create_encoders(specs, device, dtype)
+    if recorded_specs(catalog_path) is None:
+        # A new catalog records what the loaded models really are (revision, dim), so the
+        # first run fetches and loads them before the manifest is written.
+        for encoder in encoders.values():
+            encoder.load()
+        specs = {space: encoder.spec for space, encoder in encoders.items()}
+    return Catalog.create_or_open(catalog_path, specs), encoders

@@ -15,7 +15,7 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,8 @@ class PipelineConfig:
     prefetch_batches: int = 4
     checkpoint_seconds: float = 60.0
     limits: ImageLimits = field(default_factory=ImageLimits)
-    draft_size: int | None = 448
+    # JPEGs decode at reduced scale down to this short side; None: what the encoders need.
+    draft_size: int | None = None
     progress: bool = True
     shard: Shard | None = None
 
@@ -227,6 +228,9 @@ def index_dump(
     report = IndexReport()
     started = time.monotonic()
     last_checkpoint = started
+    if config.draft_size is None:
+        sides = [getattr(e, "min_side", 0) for e in encoders.values() if e.space != "text"]
+        config = replace(config, draft_size=max(sides, default=0) or None)
     # Encoders load lazily on the first batch, so a run with nothing new starts no model.
     batcher = _Batcher(catalog, encoders, report, config.batch_size)
     bar = tqdm(unit="img", desc="indexing", disable=not config.progress, dynamic_ncols=True)

@@ -74,8 +74,15 @@ def index(
     catalog: CatalogOption = None,
     profile: ProfileOption = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default auto)")] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp32 or bf16")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto (bf16 on GPUs and AMX CPUs), fp32 or bf16")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per encoder batch")] = None,
+    visual_model: Annotated[
+        str | None, typer.Option(help="Hub id or local dir for the visual space")
+    ] = None,
+    clip_model: Annotated[str | None, typer.Option(help="Hub id or local dir for clip")] = None,
+    text_model: Annotated[str | None, typer.Option(help="Hub id or local dir for text")] = None,
     shard: Annotated[str | None, typer.Option(help="Index only shard I/N of the dump")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
@@ -85,7 +92,14 @@ def index(
     from indexer.pipeline import PipelineConfig, Shard, index_dump
 
     settings = settings_from(
-        catalog=catalog, profile=profile, device=device, dtype=dtype, batch_size=batch_size
+        catalog=catalog,
+        profile=profile,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        visual_model=visual_model,
+        clip_model=clip_model,
+        text_model=text_model,
     )
     if not dump.is_dir():
         raise LookalikeError(f"Dump directory {dump} does not exist.")
@@ -163,7 +177,9 @@ def serve(
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on [env LOOKALIKE_PORT]")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default auto)")] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp32 or bf16")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto (bf16 on GPUs and AMX CPUs), fp32 or bf16")
+    ] = None,
 ) -> None:
     """Serve the HTTP API (and web page) over a catalog."""
     settings = settings_from(catalog=catalog, host=host, port=port, device=device, dtype=dtype)

@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     clip_model: str | None = Field(None, description="hub id or local dir for the clip space")
     text_model: str | None = Field(None, description="hub id or local dir for the text space")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: auto)")
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware has it
 
     batch_size: int = Field(32, ge=1, le=4096)
     decode_workers: int = Field(2, ge=1, le=64)
