@@ -206,27 +206,27 @@ class ItemOut(BaseModel):
         )
 
 
-class SearchOut(BaseModel):
-    session_id: str
-    items: list[ItemOut]
-    sparse: bool
-
-    @classmethod
-    def of(cls, page: Page) -> SearchOut:
-        return cls(
-            session_id=page.session_id,
-            items=[ItemOut.of(i) for i in page.items],
-            sparse=page.sparse,
-        )
-
-
 class FeedOut(BaseModel):
     items: list[ItemOut]
     sparse: bool
+    # New images are being made for this session (the generation fallback): ask again soon.
+    generating: bool = False
 
     @classmethod
     def of(cls, page: Page) -> FeedOut:
-        return cls(items=[ItemOut.of(i) for i in page.items], sparse=page.sparse)
+        return cls(
+            items=[ItemOut.of(i) for i in page.items],
+            sparse=page.sparse,
+            generating=page.generating,
+        )
+
+
+class SearchOut(FeedOut):
+    session_id: str
+
+    @classmethod
+    def of(cls, page: Page) -> SearchOut:
+        return cls(session_id=page.session_id, **FeedOut.of(page).model_dump())
 
 
 # --------------------------------------------------------------------------- feedback

@@ -209,7 +209,7 @@ def check_items(items: list[dict[str, Any]]) -> None:
 
 def test_search_by_image_id(client: TestClient, tiny: TinyCatalog) -> None:
     body = new_search(client, tiny)
-    assert set(body) == {"session_id", "items", "sparse"}
+    assert set(body) == {"session_id", "items", "sparse", "generating"}
     assert 0 < len(body["items"]) <= 20 and isinstance(body["sparse"], bool)
     check_items(body["items"])
     assert tiny.items[0].id not in [i["id"] for i in body["items"]]  # not the query itself
@@ -284,7 +284,7 @@ def test_feed_never_repeats_and_runs_dry(client: TestClient, tiny: TinyCatalog) 
     for _ in range(10):
         page = client.get("/v1/feed", params={"session_id": session})
         assert page.status_code == 200, page.text
-        assert set(page.json()) == {"items", "sparse"}
+        assert set(page.json()) == {"items", "sparse", "generating"}
         check_items(page.json()["items"])
         seen += [i["id"] for i in page.json()["items"]]
         sparse = page.json()["sparse"]
@@ -307,7 +307,7 @@ def test_feed_limit_and_errors(client: TestClient, tiny: TinyCatalog) -> None:
     assert_error(client.get("/v1/feed", params={"session_id": "nope"}), 404, "unknown_session")
     fresh = client.post("/v1/sessions", json={}).json()["session_id"]
     empty = client.get("/v1/feed", params={"session_id": fresh}).json()
-    assert empty == {"items": [], "sparse": True}
+    assert empty == {"items": [], "sparse": True, "generating": False}
 
 
 # --------------------------------------------------------------------------- feedback
