@@ -7,6 +7,7 @@ tags, then those of the images the person dwelt on, weighted by dwell.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -50,6 +51,8 @@ _CHUNK_SPLIT = re.compile(r",|\n|\|| BREAK |\bAND\b|\.(?:\s|$)")
 _WORD = re.compile(r"[a-z0-9][a-z0-9'-]*[a-z0-9]|[a-z]")
 
 
+# Both are pure and called for every candidate of every page: cache them (hot path).
+@functools.lru_cache(maxsize=1 << 17)
 def normalise_term(term: str) -> str:
     """Lower-case, collapse white space and strip punctuation at the ends."""
     return " ".join(term.lower().replace("_", " ").split()).strip(" .,:;!?'\"-")
@@ -63,8 +66,11 @@ def prompt_terms(prompt: str | None, max_terms: int = 32) -> list[str]:
     comma-separated chunk of 1-3 remaining words is one term (``red hair``); a longer chunk is
     split into its words, as is a chunk that lost stopwords ("a photo of a cat" -> cat).
     """
-    if not prompt:
-        return []
+    return list(_prompt_terms(prompt, max_terms)) if prompt else []
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _prompt_terms(prompt: str, max_terms: int) -> tuple[str, ...]:
     text = _ANGLE.sub(" ", prompt)
     text = _BRACKETS.sub(" ", _WEIGHT.sub("", text.replace("\\(", "(").replace("\\)", ")")))
     out: dict[str, None] = {}
@@ -81,7 +87,7 @@ def prompt_terms(prompt: str | None, max_terms: int = 32) -> list[str]:
                 out.setdefault(term, None)
         if len(out) >= max_terms:
             break
-    return list(out)[:max_terms]
+    return tuple(out)[:max_terms]
 
 
 # --------------------------------------------------------------------------- vocabulary
