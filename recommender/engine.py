@@ -1,15 +1,19 @@
 """The facade the service calls: search, feed, feedback, sessions — over one catalog.
 
-A page is built in four steps: retrieve the k nearest unseen items in the session's primary
-space (steered query, metadata filters), re-rank them with prompt / tag / CLIP similarity
-against the session's local vocabulary, pick 15 top matches plus 5 exploration picks, and
-remember what was served so that the scroll never repeats.
+A page is built in four steps: retrieve the k nearest unseen items to the steered query in
+the session's primary space and in its prompt (``text``) space (metadata filters), re-rank
+them with prompt / tag / CLIP similarity against the session's local vocabulary, pick 15 top
+matches plus 5 exploration picks, and remember what was served so that the scroll never
+repeats.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +51,11 @@ log = logging.getLogger(__name__)
 
 # Spaces whose vectors come from images (a text query can only reach these through CLIP).
 IMAGE_SPACES = ("visual", "clip")
+# Spaces whose steered query both retrieves candidates and scores them (CLIP has its own
+# re-rank signal). Steering learns in every space; the prompt space is where a taste for
+# *what* is shown (subject, texture, style) is easiest to read when the primary space only
+# sees colour and layout (benchmarks/RESULTS.md, "Steering quality").
+QUERY_SPACES = ("visual", "text")
 
 
 class Generator(Protocol):
@@ -99,6 +108,11 @@ class Engine:
         self.steerer: Steerer = make_steerer(self.config.steering)
         self._seed = np.random.SeedSequence(seed)
         self._clock = clock
+        # Creation order of this engine's sessions: with the seed it makes page draws
+        # reproducible (session ids are random); entries go when their session is evicted.
+        self._serials: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
+        self._next_serial = itertools.count()
+        self._serial_lock = threading.Lock()
 
     @classmethod
     def from_catalog(
@@ -147,7 +161,13 @@ class Engine:
 
     # -- sessions -------------------------------------------------------------------------
     def create_session(self, user_id: str | None = None) -> str:
-        return self.sessions.create(user_id).id
+        return self._new_session(user_id).id
+
+    def _new_session(self, user_id: str | None) -> Session:
+        session = self.sessions.create(user_id)
+        with self._serial_lock:
+            self._serials[session] = next(self._next_serial)
+        return session
 
     def session_info(self, session_id: str) -> SessionInfo:
         session = self.sessions.get(session_id)
@@ -192,9 +212,7 @@ class Engine:
     ) -> Page:
         """Start (or restart) a session's scroll from ``query`` and return its first page."""
         vectors, prompt, tags, exclude_id = self._embed_query(query)
-        session = (
-            self.sessions.get(session_id) if session_id else self.sessions.create(user_id=None)
-        )
+        session = self.sessions.get(session_id) if session_id else self._new_session(user_id=None)
         with session.lock:
             self._start(session, vectors, prompt, tags, filters)
             if exclude_id is not None:
@@ -315,14 +333,7 @@ class Engine:
     # -- internals: pages -------------------------------------------------------------------
     def _next_page(self, session: Session, limit: int | None) -> Page:
         size = min(limit or self.config.page_size, self.config.max_page)
-        candidates = retrieve(
-            self.catalog,
-            session.primary,
-            session.query[session.primary],
-            max(self.config.k, 2 * size),
-            filters=session.filters,
-            seen=session.seen_keys,
-        )
+        candidates = self._retrieve(session, max(self.config.k, 2 * size))
         items = self.catalog.items(candidates.keys.tolist())
         by_key = {item.key: item for item in items}
         keep = np.array([k in by_key for k in candidates.keys.tolist()], dtype=bool)
@@ -344,6 +355,56 @@ class Engine:
         ]
         return Page(session.id, page_items, sparse=sparse, generating=session.pending_generation)
 
+    def _query_spaces(self, session: Session) -> list[str]:
+        """The primary space, then the other ``QUERY_SPACES`` the session has a query in."""
+        others = [s for s in QUERY_SPACES if s != session.primary and s in session.query]
+        return [session.primary, *others]
+
+    def _retrieve(self, session: Session, k: int) -> Candidates:
+        """The ``k`` nearest unseen, allowed items to the steered query in each query space,
+        merged, and the ``k`` of them that match it best over all those spaces (re-ranking
+        costs grow with the pool); best first, ``scores`` are cosines in the primary space."""
+        found = [
+            retrieve(
+                self.catalog,
+                space,
+                session.query[space],
+                k,
+                filters=session.filters,
+                seen=session.seen_keys,
+            )
+            for space in self._query_spaces(session)
+        ]
+        if len(found) == 1:
+            return found[0]
+        keys = np.unique(np.concatenate([c.keys for c in found]))
+        scores = self.catalog.vectors(session.primary, keys) @ session.query[session.primary]
+        merged = Candidates(keys, scores.astype(np.float32))
+        relevance = np.nan_to_num(self._query_similarity(session, merged), nan=-np.inf)
+        best = np.argsort(-relevance, kind="stable")[:k]
+        return Candidates(keys[best], merged.scores[best])
+
+    def _query_similarity(self, session: Session, candidates: Candidates) -> NDArray[np.float64]:
+        """How well each candidate matches the steered query: its cosine per query space,
+        standardised over the candidates (spaces' cosine ranges differ), averaged over the
+        spaces where it has a vector. float64 (n,)."""
+        spaces = self._query_spaces(session)
+        if len(spaces) == 1 or not len(candidates):
+            return candidates.scores.astype(np.float64)
+        sims = []
+        for space in spaces:
+            vecs = self.catalog.vectors(space, candidates.keys)
+            sim = (vecs @ session.query[space]).astype(np.float64)
+            sim[~np.any(vecs, axis=1)] = np.nan  # no prompt: no text-space position
+            ok = np.isfinite(sim)
+            if ok.any():
+                std = max(float(sim[ok].std()), self.config.rerank.min_std)
+                sims.append((sim - float(sim[ok].mean())) / std)
+        stacked = np.stack(sims)
+        counts = np.isfinite(stacked).sum(axis=0)
+        total = np.nansum(stacked, axis=0)
+        return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
+
     def _rank(self, session: Session, candidates: Candidates, items: list[CatalogItem]) -> _Ranked:
         keys = candidates.keys
         text_vecs = self.catalog.vectors("text", keys) if "text" in self.spaces else None
@@ -352,7 +413,7 @@ class Engine:
             clip_sim = self.catalog.vectors("clip", keys) @ session.query["clip"]
         terms = [list(item.tags) + prompt_terms(item.prompt) for item in items]
         result = rerank(
-            candidates.scores,
+            self._query_similarity(session, candidates),
             session.vocabulary,
             text_vecs=text_vecs,
             terms=terms,
@@ -404,7 +465,9 @@ class Engine:
     def _rng(self, session: Session) -> np.random.Generator:
         """A per-page generator: reproducible for a seeded engine, fresh for every page."""
         root = self._seed.entropy if isinstance(self._seed.entropy, int) else 0
-        entropy = [root, session.n_served, zlib.crc32(session.id.encode())]
+        serial = self._serials.get(session)
+        who = serial if serial is not None else zlib.crc32(session.id.encode())
+        entropy = [root, session.n_served, who]
         return np.random.default_rng(np.random.SeedSequence(entropy))
 
     # -- internals: feedback ----------------------------------------------------------------
