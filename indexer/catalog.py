@@ -344,25 +344,10 @@ class Catalog:
     def file_state(self, file: str) -> FileState | None:
         """What is known about ``file`` (an item, a duplicate alias, or a skip), if anything."""
         with self._lock:
-            row = self._conn.execute(
-                "SELECT id, content_hash, file_size, file_mtime_ns FROM items WHERE file = ? "
-                "LIMIT 1",
-                (file,),
-            ).fetchone()
-            if row:
-                return FileState("item", row[0], row[1], row[2], row[3])
-            row = self._conn.execute(
-                "SELECT d.id, i.content_hash, d.file_size, d.file_mtime_ns FROM duplicates d "
-                "JOIN items i ON i.key = d.of_key WHERE d.file = ? LIMIT 1",
-                (file,),
-            ).fetchone()
-            if row:
-                return FileState("duplicate", row[0], row[1], row[2], row[3])
-            row = self._conn.execute(
-                "SELECT reason, file_size, file_mtime_ns FROM skipped WHERE file = ?", (file,)
-            ).fetchone()
-            if row:
-                return FileState("skipped", row[0], None, row[1], row[2])
+            for kind, sql in _FILE_STATE_QUERIES:
+                row = self._conn.execute(sql, (file,)).fetchone()
+                if row:
+                    return FileState(kind, *row)
         return None
 
     def key_for_hash(self, content_hash: str) -> int | None:
@@ -706,6 +691,17 @@ class Catalog:
         log.info("building the %s index over %d vectors", space, len(keys))
         index.rebuild(keys, vectors)
 
+
+# Where a file may be known from, first match wins: (kind, query -> id, hash, size, mtime).
+_FILE_STATE_QUERIES = (
+    ("item", "SELECT id, content_hash, file_size, file_mtime_ns FROM items WHERE file = ? LIMIT 1"),
+    (
+        "duplicate",
+        "SELECT d.id, i.content_hash, d.file_size, d.file_mtime_ns FROM duplicates d "
+        "JOIN items i ON i.key = d.of_key WHERE d.file = ? LIMIT 1",
+    ),
+    ("skipped", "SELECT reason, NULL, file_size, file_mtime_ns FROM skipped WHERE file = ?"),
+)
 
 _ITEM_COLUMNS = (
     "key, id, file, content_hash, width, height, prompt, negative_prompt, tags, nsfw_level, "
