@@ -219,7 +219,8 @@ class LocalVocabulary:
 class RerankWeights:
     """Relative weights of the signals; renormalised over the signals available.
 
-    ``image``: cosine in the primary (``visual``) space. ``prompt``: candidate prompt vs the
+    ``image``: how well the candidate matches the steered query (the engine passes the mean of
+    its z-scored cosines in the primary and prompt spaces). ``prompt``: candidate prompt vs the
     vocabulary's prompt centroid (``text`` space). ``tags``: candidate terms vs the
     vocabulary's term weights. ``clip``: cosine in the ``clip`` space, when it exists.
     """
