@@ -217,7 +217,16 @@ def _base_state(q0: ArrayLike, history: int) -> tuple[Vector, deque[Vector]]:
 # --------------------------------------------------------------------------- none
 
 
-class NoSteerer:
+class UniformExplore:
+    """For strategies without a posterior to sample: explore picks are drawn uniformly."""
+
+    def explore_scores(
+        self, state: SteeringState, candidates: ArrayLike, rng: np.random.Generator
+    ) -> Scores | None:
+        return None
+
+
+class NoSteerer(UniformExplore):
     """``none``: feedback is recorded but the query stays q0 (the benchmark's floor)."""
 
     name = "none"
@@ -234,11 +243,6 @@ class NoSteerer:
         state.remember(x, s)
         state.n_updates += 1
         return state.query
-
-    def explore_scores(
-        self, state: SteeringState, candidates: ArrayLike, rng: np.random.Generator
-    ) -> Scores | None:
-        return None
 
 
 # --------------------------------------------------------------------------- sumo
@@ -257,7 +261,7 @@ class SumoConfig:
     warmup: int = 3
 
 
-class SumoSteerer:
+class SumoSteerer(UniformExplore):
     """``sumo``, faithful to the issue's description of SUMO.
 
     Items are taken pairwise as consecutive impressions (the first item of a batch pairs with
@@ -322,11 +326,6 @@ class SumoSteerer:
         state.n_updates += 1
         return state.query
 
-    def explore_scores(
-        self, state: SteeringState, candidates: ArrayLike, rng: np.random.Generator
-    ) -> Scores | None:
-        return None
-
 
 # --------------------------------------------------------------------------- rocchio
 
@@ -344,7 +343,7 @@ class RocchioConfig:
     history: int = 120
 
 
-class RocchioSteerer:
+class RocchioSteerer(UniformExplore):
     """``rocchio``: the classic relevance-feedback centroid rule, normalised."""
 
     name = "rocchio"
@@ -373,11 +372,6 @@ class RocchioSteerer:
         state.query = unit(q, fallback=state.q0)
         state.n_updates += 1
         return state.query
-
-    def explore_scores(
-        self, state: SteeringState, candidates: ArrayLike, rng: np.random.Generator
-    ) -> Scores | None:
-        return None
 
 
 # --------------------------------------------------------------------------- default
