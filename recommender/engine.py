@@ -42,7 +42,7 @@ from recommender.errors import UnknownItemError, UnsupportedQueryError
 from recommender.explore import ExploreConfig, Pick, make_page
 from recommender.feedback import Steerer, SteeringConfig, make_steerer, score_dwell
 from recommender.rerank import RerankConfig, prompt_terms, rerank
-from recommender.retrieve import Candidates, Filters, retrieve
+from recommender.retrieve import Filters, retrieve
 from recommender.sessions import FeedbackEvent as StoredEvent
 from recommender.sessions import Served, Session, SessionConfig, SessionStore
 from recommender.types import Vector, unit
@@ -337,7 +337,7 @@ class Engine:
         items = self.catalog.items(candidates.keys.tolist())
         by_key = {item.key: item for item in items}
         keep = np.array([k in by_key for k in candidates.keys.tolist()], dtype=bool)
-        candidates = Candidates(candidates.keys[keep], candidates.scores[keep])
+        candidates = candidates.take(keep)
         ranked = self._rank(session, candidates, [by_key[k] for k in candidates.keys.tolist()])
         picks = self._pick(session, ranked, size)
         served = [
@@ -360,7 +360,7 @@ class Engine:
         others = [s for s in QUERY_SPACES if s != session.primary and s in session.query]
         return [session.primary, *others]
 
-    def _retrieve(self, session: Session, k: int) -> Candidates:
+    def _retrieve(self, session: Session, k: int) -> _Pool:
         """The ``k`` nearest unseen, allowed items to the steered query in each query space,
         merged, and the ``k`` of them that match it best over all those spaces (re-ranking
         costs grow with the pool); best first, ``scores`` are cosines in the primary space."""
@@ -376,15 +376,16 @@ class Engine:
             for space in self._query_spaces(session)
         ]
         if len(found) == 1:
-            return found[0]
+            return _Pool(self.catalog, found[0].keys, found[0].scores)
         keys = np.unique(np.concatenate([c.keys for c in found]))
-        scores = self.catalog.vectors(session.primary, keys) @ session.query[session.primary]
-        merged = Candidates(keys, scores.astype(np.float32))
+        merged = _Pool(self.catalog, keys, np.zeros(len(keys), dtype=np.float32))
+        merged.scores = (merged.vectors(session.primary) @ session.query[session.primary]).astype(
+            np.float32
+        )
         relevance = np.nan_to_num(self._query_similarity(session, merged), nan=-np.inf)
-        best = np.argsort(-relevance, kind="stable")[:k]
-        return Candidates(keys[best], merged.scores[best])
+        return merged.take(np.argsort(-relevance, kind="stable")[:k])
 
-    def _query_similarity(self, session: Session, candidates: Candidates) -> NDArray[np.float64]:
+    def _query_similarity(self, session: Session, candidates: _Pool) -> NDArray[np.float64]:
         """How well each candidate matches the steered query: its cosine per query space,
         standardised over the candidates (spaces' cosine ranges differ), averaged over the
         spaces where it has a vector. float64 (n,)."""
@@ -393,7 +394,7 @@ class Engine:
             return candidates.scores.astype(np.float64)
         sims = []
         for space in spaces:
-            vecs = self.catalog.vectors(space, candidates.keys)
+            vecs = candidates.vectors(space)
             sim = (vecs @ session.query[space]).astype(np.float64)
             sim[~np.any(vecs, axis=1)] = np.nan  # no prompt: no text-space position
             ok = np.isfinite(sim)
@@ -405,12 +406,11 @@ class Engine:
         total = np.nansum(stacked, axis=0)
         return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
 
-    def _rank(self, session: Session, candidates: Candidates, items: list[CatalogItem]) -> _Ranked:
-        keys = candidates.keys
-        text_vecs = self.catalog.vectors("text", keys) if "text" in self.spaces else None
+    def _rank(self, session: Session, candidates: _Pool, items: list[CatalogItem]) -> _Ranked:
+        text_vecs = candidates.vectors("text") if "text" in self.spaces else None
         clip_sim = None
         if "clip" in self.spaces and "clip" in session.query and session.primary != "clip":
-            clip_sim = self.catalog.vectors("clip", keys) @ session.query["clip"]
+            clip_sim = candidates.vectors("clip") @ session.query["clip"]
         terms = [list(item.tags) + prompt_terms(item.prompt) for item in items]
         result = rerank(
             self._query_similarity(session, candidates),
@@ -423,7 +423,7 @@ class Engine:
         order = result.order
         return _Ranked(
             items=[items[i] for i in order],
-            keys=keys[order],
+            pool=candidates.take(order),
             scores=result.scores[order],
         )
 
@@ -441,8 +441,8 @@ class Engine:
         rng = self._rng(session)
         state = session.steering.get(session.primary)
         scores = None
-        if state is not None and len(ranked.keys):
-            vectors = self.catalog.vectors(session.primary, ranked.keys)
+        if state is not None and len(ranked.items):
+            vectors = ranked.pool.vectors(session.primary)
             scores = self.steerer.explore_scores(state, vectors, rng)
         picks = make_page(len(ranked.items), explore, rng, scores)
         if len(picks) < size:  # large pages outgrow the explore window: fill with top ranks
@@ -451,16 +451,17 @@ class Engine:
             picks += [Pick(r, "top") for r in spare[: size - len(picks)]]
         return picks
 
-    def _is_sparse(self, session: Session, candidates: Candidates, size: int) -> bool:
+    def _is_sparse(self, session: Session, candidates: _Pool, size: int) -> bool:
         """Fewer than a page of unseen candidates near the *original* query."""
         if len(candidates) < size:
             return True
         q0 = session.q0[session.primary]
-        vectors = self.catalog.vectors(session.primary, candidates.keys)
+        vectors = candidates.vectors(session.primary)
         near = int(np.count_nonzero(vectors @ q0 >= self.config.similarity_floor))
         # The steered query moves away from q0; also count what is near where it points now.
         near_now = int(np.count_nonzero(candidates.scores >= self.config.similarity_floor))
-        return max(near, near_now) - size < size
+        left_after_this_page = max(near, near_now) - size
+        return left_after_this_page < size
 
     def _rng(self, session: Session) -> np.random.Generator:
         """A per-page generator: reproducible for a seeded engine, fresh for every page."""
@@ -512,12 +513,50 @@ class Engine:
             )
 
 
+class _Pool:
+    """Candidate keys with their primary-space cosines (``scores``), best first.
+
+    A page reads each space's vectors of its candidates from the catalog once, on first use;
+    ``take`` keeps the rows already read for the subset or new order it selects.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        keys: NDArray[np.int64],
+        scores: NDArray[np.float32],
+        vectors: dict[str, NDArray[np.float32]] | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self.keys = keys
+        self.scores = scores
+        self._vectors = vectors or {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def vectors(self, space: str) -> NDArray[np.float32]:
+        """float32 (len(self), dim) vectors of the candidates in ``space``."""
+        if space not in self._vectors:
+            self._vectors[space] = self._catalog.vectors(space, self.keys)
+        return self._vectors[space]
+
+    def take(self, index: NDArray[np.int64] | NDArray[np.bool_]) -> _Pool:
+        """The candidates selected by ``index`` (positions or a mask), in that order."""
+        return _Pool(
+            self._catalog,
+            self.keys[index],
+            self.scores[index],
+            {space: rows[index] for space, rows in self._vectors.items()},
+        )
+
+
 @dataclass(frozen=True)
 class _Ranked:
-    """Candidates after re-ranking, best first: items, their keys, their fused scores."""
+    """Candidates after re-ranking, best first: items, their pool, their fused scores."""
 
     items: list[CatalogItem]
-    keys: NDArray[np.int64]
+    pool: _Pool
     scores: NDArray[np.float32]
 
 
