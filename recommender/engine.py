@@ -18,7 +18,6 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -41,8 +40,9 @@ from recommender.api import (
 from recommender.errors import UnknownItemError, UnsupportedQueryError
 from recommender.explore import ExploreConfig, Pick, make_page
 from recommender.feedback import Steerer, SteeringConfig, make_steerer, score_dwell
+from recommender.generate import Generator
 from recommender.rerank import RerankConfig, prompt_terms, rerank
-from recommender.retrieve import Filters, retrieve
+from recommender.retrieve import Filters, allowed_mask, retrieve
 from recommender.sessions import FeedbackEvent as StoredEvent
 from recommender.sessions import Served, Session, SessionConfig, SessionStore
 from recommender.types import Vector, unit
@@ -56,14 +56,6 @@ IMAGE_SPACES = ("visual", "clip")
 # *what* is shown (subject, texture, style) is easiest to read when the primary space only
 # sees colour and layout (benchmarks/RESULTS.md, "Steering quality").
 QUERY_SPACES = ("visual", "text")
-
-
-class Generator(Protocol):
-    """Makes new images near a session's steered query when the catalog runs dry there."""
-
-    def request(self, session: Session, engine: Engine) -> bool:
-        """Queue generation for ``session``; True when a job is (now) pending."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -154,9 +146,15 @@ class Engine:
         return all(encoder.loaded for encoder in self.encoders.values())
 
     def stats(self) -> dict[str, int]:
-        return {"items": len(self.catalog), "live_sessions": len(self.sessions)}
+        stats = {"items": len(self.catalog), "live_sessions": len(self.sessions)}
+        if self.generator is not None:
+            stats.update(self.generator.stats())
+        return stats
 
     def close(self) -> None:
+        """Stop the generator (it writes the FAISS snapshots it owes) and close the catalog."""
+        if self.generator is not None:
+            self.generator.close()
         self.catalog.close()
 
     # -- sessions -------------------------------------------------------------------------
@@ -333,6 +331,14 @@ class Engine:
     # -- internals: pages -------------------------------------------------------------------
     def _next_page(self, session: Session, limit: int | None) -> Page:
         size = min(limit or self.config.page_size, self.config.max_page)
+        generated = self._take_generated(session, size)
+        page_items = [_page_item(item, score, "top") for item, score in generated]
+        now = self._clock()
+        session.record_served(Served(item.id, "top", score, now) for item, score in generated)
+        session.seen_keys.update(item.key for item, _ in generated)
+        size -= len(generated)
+        if size <= 0:  # a page of new images: nothing to retrieve this time
+            return Page(session.id, page_items, sparse=False, generating=session.pending_generation)
         candidates = self._retrieve(session, max(self.config.k, 2 * size))
         items = self.catalog.items(candidates.keys.tolist())
         by_key = {item.key: item for item in items}
@@ -348,12 +354,27 @@ class Engine:
         for p in picks:
             session.seen_keys.add(ranked.items[p.rank].key)
         sparse = self._is_sparse(session, candidates, size)
-        if sparse and self.generator is not None:
+        if sparse and self.generator is not None and not session.generated_inbox:
             session.pending_generation = self.generator.request(session, self)
-        page_items = [
+        page_items += [
             _page_item(ranked.items[p.rank], float(ranked.scores[p.rank]), p.kind) for p in picks
         ]
         return Page(session.id, page_items, sparse=sparse, generating=session.pending_generation)
+
+    def _take_generated(self, session: Session, size: int) -> list[tuple[CatalogItem, float]]:
+        """Images generated for this session that it has not seen, still in the catalog and
+        allowed by its filters, at most ``size``: they lead its next page."""
+        out: list[tuple[CatalogItem, float]] = []
+        mask = allowed_mask(self.catalog, session.filters)
+        while session.generated_inbox and len(out) < size:
+            item = self.catalog.item(session.generated_inbox.popleft())
+            if item is None or item.id in session.seen:
+                continue  # deleted meanwhile, or already served
+            if mask is not None and not (item.key < len(mask) and mask[item.key]):
+                continue
+            vector = self.catalog.vectors(session.primary, [item.key])[0]
+            out.append((item, float(vector @ session.query[session.primary])))
+        return out
 
     def _query_spaces(self, session: Session) -> list[str]:
         """The primary space, then the other ``QUERY_SPACES`` the session has a query in."""

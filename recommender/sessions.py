@@ -100,7 +100,11 @@ class Session:
     processed_events: dict[str, None] = field(default_factory=dict)
     n_served: int = 0
     n_feedback: int = 0
+    # The generation fallback: a job is queued or running for this session; the ids it made
+    # that this session has not been shown yet (they lead its next pages); the last failure.
     pending_generation: bool = False
+    generated_inbox: deque[str] = field(default_factory=deque)
+    generation_error: str | None = None
     # Set by the engine when a query starts the scroll.
     filters: Filters = field(default_factory=Filters)
     primary: str = "visual"

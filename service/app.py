@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from recommender.engine import Engine
+from recommender.generate import make_generator
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import (
@@ -79,8 +80,19 @@ def configure_logging(*, json_lines: bool) -> None:
 
 
 def open_engine(settings: Settings) -> Engine:
-    """Open the catalog at ``settings.catalog`` with the encoders its manifest records."""
-    return Engine.from_catalog(settings.catalog, device=settings.device, dtype=settings.dtype)
+    """Open the catalog at ``settings.catalog`` with the encoders its manifest records, and
+    the generator the settings ask for."""
+    diffusers_config = None
+    if settings.generator == "diffusers":
+        from recommender.generate_diffusers import DiffusersConfig
+
+        diffusers_config = DiffusersConfig(**settings.diffusers_options())  # type: ignore[arg-type]
+    generator = make_generator(
+        settings.generator, settings.generation_config(), diffusers_config=diffusers_config
+    )
+    return Engine.from_catalog(
+        settings.catalog, device=settings.device, dtype=settings.dtype, generator=generator
+    )
 
 
 def _version() -> str:

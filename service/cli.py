@@ -36,6 +36,15 @@ ProfileOption = Annotated[
         "'offline' (weight-free pixels descriptor + packaged MiniLM) [env LOOKALIKE_PROFILE]",
     ),
 ]
+GeneratorOption = Annotated[
+    str | None,
+    typer.Option(
+        "--generator",
+        help="What makes new images when a scroll runs dry: 'none', 'sample' (the sample "
+        "renderer, no weights) or 'diffusers' (SDXL-Turbo + IP-Adapter by default; see "
+        "LOOKALIKE_GENERATOR_* in the README) [env LOOKALIKE_GENERATOR]",
+    ),
+]
 
 
 @app.callback()
@@ -180,9 +189,12 @@ def serve(
     dtype: Annotated[
         str | None, typer.Option(help="auto (bf16 on GPUs and AMX CPUs), fp32 or bf16")
     ] = None,
+    generator: GeneratorOption = None,
 ) -> None:
     """Serve the HTTP API (and web page) over a catalog."""
-    settings = settings_from(catalog=catalog, host=host, port=port, device=device, dtype=dtype)
+    settings = settings_from(
+        catalog=catalog, host=host, port=port, device=device, dtype=dtype, generator=generator
+    )
     run_server(settings, what=f"catalog {settings.catalog}")
 
 
@@ -195,14 +207,19 @@ def demo(
     data: Annotated[Path, typer.Option(help="Where the sample dump and catalog go")] = Path("data"),
     count: Annotated[int, typer.Option(help="Images in the sample dump")] = 500,
     seed: Annotated[int, typer.Option(help="Random seed of the sample dump")] = 0,
+    generator: GeneratorOption = None,
 ) -> None:
-    """Build a sample dump and an offline-profile catalog under DATA when missing, then serve."""
+    """Build a sample dump and an offline-profile catalog under DATA when missing, then serve.
+
+    With ``--generator sample`` the scroll makes new images when it runs dry (no weights)."""
     from indexer.build import open_for_indexing
     from indexer.pipeline import PipelineConfig, index_dump
     from indexer.sample_dump import TRUTH_FILENAME, write_sample_dump
 
     dump = data / "sample-dump"
-    settings = settings_from(catalog=data / "demo-catalog", host=host, port=port, profile="offline")
+    settings = settings_from(
+        catalog=data / "demo-catalog", host=host, port=port, profile="offline", generator=generator
+    )
     if not (dump / TRUTH_FILENAME).exists():  # written last: its presence means the dump is whole
         typer.echo(f"writing a sample dump of {count} images to {dump} ...", err=True)
         write_sample_dump(dump, count=count, seed=seed)

@@ -18,7 +18,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,20 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 EngineStats = Callable[[], Mapping[str, int]]
+
+
+# (engine stats key, metric name, help) read at scrape time.
+_ENGINE_GAUGES = (
+    ("items", "lookalike_catalog_items", "Items in the catalog."),
+    ("live_sessions", "lookalike_live_sessions", "Sessions held in memory."),
+    ("generation_queued", "lookalike_generation_queued", "Generation jobs waiting."),
+)
+_ENGINE_COUNTERS = (
+    ("generation_completed", "lookalike_generation_jobs_completed", "Generation jobs done."),
+    ("generation_failed", "lookalike_generation_jobs_failed", "Generation jobs failed."),
+    ("generation_refused", "lookalike_generation_requests_refused", "Generation refused."),
+    ("generated_images", "lookalike_generated_images", "Images generated and indexed."),
+)
 
 
 class _EngineCollector(Collector):
@@ -42,12 +56,12 @@ class _EngineCollector(Collector):
         except Exception:  # noqa: BLE001 - a scrape must never fail because of the engine
             log.exception("engine stats failed")
             return
-        for key, name, doc in (
-            ("items", "lookalike_catalog_items", "Items in the catalog."),
-            ("live_sessions", "lookalike_live_sessions", "Sessions held in memory."),
-        ):
+        for key, name, doc in _ENGINE_GAUGES:
             if key in stats:
                 yield GaugeMetricFamily(name, doc, value=float(stats[key]))
+        for key, name, doc in _ENGINE_COUNTERS:
+            if key in stats:
+                yield CounterMetricFamily(name, doc, value=float(stats[key]))
 
 
 class Metrics:

@@ -276,6 +276,9 @@ class ImageMeta(BaseModel):
     source_url: str | None
     stats: dict[str, Any]
     generated: bool
+    # For generated images: backend, model, seed, prompt, conditioning summary, and a digest of
+    # the session it was made for.
+    generation: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, item: CatalogItem) -> ImageMeta:
@@ -295,6 +298,7 @@ class ImageMeta(BaseModel):
             source_url=item.url,
             stats=item.stats,
             generated=item.generated,
+            generation=item.meta.get("generated") if item.generated else None,
         )
 
 

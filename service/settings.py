@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from recommender.generate import GenerationConfig
+
 
 class Settings(BaseSettings):
     """lookalike's settings; each can be set as an environment variable ``LOOKALIKE_<NAME>``."""
@@ -64,6 +66,40 @@ class Settings(BaseSettings):
     image_url_max_redirects: int = Field(default=3, ge=0, le=10)
     log_json: bool = Field(default=True, description="structured (JSON lines) logs from `serve`")
 
+    # -- generation fallback (recommender/generate.py) ----------------------------------------
+    generator: Literal["none", "sample", "diffusers"] = Field(
+        default="none", description="what makes new images when a scroll runs dry"
+    )
+    generator_images: int = Field(default=8, ge=1, le=64, description="images per sparse page")
+    generator_size: int | None = Field(
+        default=None,
+        ge=64,
+        le=2048,
+        description="side of generated images (default: 256 for sample, 512 for diffusers)",
+    )
+    generator_queue: int = Field(default=16, ge=1, le=10_000, description="jobs that may wait")
+    generator_interval_s: float = Field(
+        default=10.0, ge=0, description="least time between two jobs of one session"
+    )
+    generator_timeout_s: float = Field(default=300.0, gt=0, description="a job's time limit")
+    generator_model: str | None = Field(
+        default=None, description="diffusers pipeline: hub id or local dir (default SDXL-Turbo)"
+    )
+    generator_kind: Literal["auto", "sdxl", "kandinsky"] = "auto"
+    generator_ip_adapter: str | None = Field(
+        default=None, description="IP-Adapter repo or dir for SDXL (default h94/IP-Adapter)"
+    )
+    generator_image_encoder: str | None = Field(
+        default=None, description="CLIP vision encoder of the IP-Adapter (default its ViT-H)"
+    )
+    generator_prior: str | None = Field(
+        default=None, description="Kandinsky 2.2 prior, to condition on the prompt as well"
+    )
+    generator_steps: int | None = Field(default=None, ge=1, le=200)
+    generator_guidance: float | None = Field(default=None, ge=0, le=50)
+    generator_device: str | None = Field(default=None, description="cuda, cuda:1, cpu (auto)")
+    generator_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+
     @field_validator("catalog")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -76,6 +112,33 @@ class Settings(BaseSettings):
         if "*" in value:
             raise ValueError("cors_origins must list origins explicitly; '*' is refused")
         return value
+
+    def generation_config(self) -> GenerationConfig:
+        """Bounds of the generation queue (recommender/generate.py)."""
+        side = self.generator_size or (256 if self.generator == "sample" else 512)
+        return GenerationConfig(
+            images_per_job=self.generator_images,
+            width=side,
+            height=side,
+            max_queued=self.generator_queue,
+            session_interval_s=self.generator_interval_s,
+            timeout_s=self.generator_timeout_s,
+        )
+
+    def diffusers_options(self) -> dict[str, object]:
+        """The ``DiffusersConfig`` fields the user set (the rest keep their defaults)."""
+        given = {
+            "model": self.generator_model,
+            "ip_adapter": self.generator_ip_adapter,
+            "image_encoder": self.generator_image_encoder,
+            "prior": self.generator_prior,
+            "steps": self.generator_steps,
+            "guidance_scale": self.generator_guidance,
+            "device": self.generator_device,
+        }
+        options: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+        options.update(kind=self.generator_kind, dtype=self.generator_dtype)
+        return options
 
     def model_overrides(self) -> dict[str, str]:
         """Per-space model names given by the user (hub ids or local directories)."""

@@ -8,7 +8,7 @@ const CONFIG = Object.freeze({
   flushMs: 4_000, // ...or this often
   maxRetries: 3,
   prefetchPx: 1200, // the next page is fetched this far before the end of the feed
-  generatingPollMs: 3_000,
+  generatingPollMs: 1_500,
   minColumnPx: 220,
   gapPx: 12,
 });
