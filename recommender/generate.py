@@ -22,23 +22,30 @@ A feed request never waits for generation: ``request`` only enqueues.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
+import multiprocessing
+import os
 import queue
 import secrets
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 
 from indexer.catalog import NewItem
+from indexer.encoders.base import Encoder
 from indexer.images import ImageLimits, decode_image
 from indexer.pipeline import encode_batch, hash_bytes
 from indexer.records import DumpRecord
@@ -63,6 +70,10 @@ class Generator(Protocol):
         """Queue generation for ``session`` (its lock is held); True when a job is pending."""
         ...
 
+    def start(self, engine: Engine) -> None:
+        """Start the worker now (it loads its models) rather than on the first request."""
+        ...
+
     def stats(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
@@ -79,6 +90,10 @@ class GenerationConfig:
     reported failed and its images are dropped. FAISS snapshots are written at most every
     ``checkpoint_interval_s`` (and on close): SQLite holds every generated item at once, so a
     crash in between costs only a rebuild of the snapshot on the next open.
+
+    ``worker``: ``process`` runs the backend and a copy of the catalog's encoders (on
+    ``encoder_device`` / ``encoder_dtype``) in a child process at ``nice`` + ``worker_nice``;
+    ``thread`` runs them in this process, with the engine's encoders.
     """
 
     images_per_job: int = 8
@@ -90,6 +105,10 @@ class GenerationConfig:
     timeout_s: float = 300.0
     checkpoint_interval_s: float = 300.0
     reference_images: int = 4
+    worker: Literal["process", "thread"] = "process"
+    worker_nice: int = 10
+    encoder_device: str | None = None
+    encoder_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.images_per_job < 1 or self.max_queued < 1:
@@ -200,57 +219,102 @@ def _liked_ids(session: Session, n: int) -> list[str]:
     return ids[:n]
 
 
+# -- making: images to encoded items ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Made:
+    """One generated image, PNG-encoded, decoded back and encoded for every space."""
+
+    png: bytes
+    width: int
+    height: int
+    vectors: dict[str, NDArray[np.float32]]
+    prompt: str
+    seed: int
+    backend: str
+    model: str | None
+    conditioning: dict[str, Any]
+
+
+def render_and_encode(
+    backend: ImageBackend, encoders: Mapping[str, Encoder], request: GenerationRequest
+) -> list[Made]:
+    """Run the backend, then treat each image like a dump file: PNG bytes, decoded back
+    through the same safe decoder, encoded by the catalog's encoders (the text space sees the
+    prompt and tags)."""
+    images = backend.generate(request)
+    limits = ImageLimits()
+    pngs, decoded, records = [], [], []
+    for i, generated in enumerate(images):
+        buffer = io.BytesIO()
+        generated.image.convert("RGB").save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+        decoded.append(decode_image(pngs[-1], limits))
+        records.append(
+            DumpRecord(id=str(i), image_path=Path(), prompt=generated.prompt, tags=request.tags)
+        )
+    if not images:
+        return []
+    vectors = encode_batch(encoders, decoded, records)
+    return [
+        Made(
+            png=png,
+            width=image.width,
+            height=image.height,
+            vectors={space: block[i] for space, block in vectors.items()},
+            prompt=generated.prompt,
+            seed=generated.seed,
+            backend=generated.backend,
+            model=generated.model,
+            conditioning=generated.conditioning,
+        )
+        for i, (png, generated, image) in enumerate(zip(pngs, images, decoded, strict=True))
+    ]
+
+
 # -- into the catalog -------------------------------------------------------------------------
 
 
-def store_generated(
-    engine: Engine, request: GenerationRequest, images: Sequence[GeneratedImage]
-) -> list[str]:
-    """Save, decode back, encode and add ``images`` to the engine's catalog; their new ids.
+def store_generated(engine: Engine, request: GenerationRequest, made: Sequence[Made]) -> list[str]:
+    """Save ``made`` under ``<catalog>/generated/`` and add them to the catalog; their new ids.
 
-    Each file is written atomically under ``<catalog>/generated/`` first; the items and their
-    vectors for every space then go in in one transaction, so a crash leaves at worst an
-    unreferenced file, never an item without its image or vectors.
+    Each file is written atomically first; the items and their vectors for every space then
+    go in in one transaction, so a crash leaves at worst an unreferenced file, never an item
+    without its image or vectors. An image the catalog already holds is not added again.
     """
     catalog = engine.catalog
-    limits = ImageLimits()
     parent = hashlib.sha256(request.session_id.encode()).hexdigest()[:16]
     news: list[NewItem] = []
-    decoded = []
-    for generated in images:
-        item_id = f"gen-{secrets.token_hex(8)}"
-        buffer = io.BytesIO()
-        generated.image.convert("RGB").save(buffer, format="PNG")
-        data = buffer.getvalue()
-        content_hash = hash_bytes(data)
+    rows: list[Made] = []
+    for one in made:
+        content_hash = hash_bytes(one.png)
         if catalog.key_for_hash(content_hash) is not None:
-            continue  # the backend repeated itself: the image is there already
+            continue  # the backend repeated itself
+        item_id = f"gen-{secrets.token_hex(8)}"
         relative = f"{GENERATED_DIR}/{item_id}.png"
         path = catalog.path / relative
-        atomic_write_bytes(path, data)
-        image = decode_image(path.read_bytes(), limits)  # the same safe path as a dump file
+        atomic_write_bytes(path, one.png)
         stat = path.stat()
         record = DumpRecord(
             id=item_id,
             image_path=path,
-            prompt=generated.prompt or None,
+            prompt=one.prompt or None,
             tags=request.tags,
             nsfw_level=request.nsfw_level,
-            model_name=generated.model,
+            model_name=one.model,
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            width=image.width,
-            height=image.height,
+            width=one.width,
+            height=one.height,
         )
-        meta = {
-            "generated": {
-                "backend": generated.backend,
-                "model": generated.model,
-                "seed": generated.seed,
-                "prompt": generated.prompt,
-                # A digest, not the id: the id is the session's bearer credential.
-                "parent_session": parent,
-                "conditioning": generated.conditioning,
-            }
+        provenance = {
+            "backend": one.backend,
+            "model": one.model,
+            "seed": one.seed,
+            "prompt": one.prompt,
+            # A digest, not the id: the id is the session's bearer credential.
+            "parent_session": parent,
+            "conditioning": one.conditioning,
         }
         news.append(
             NewItem(
@@ -259,18 +323,153 @@ def store_generated(
                 content_hash=content_hash,
                 file_size=stat.st_size,
                 file_mtime_ns=stat.st_mtime_ns,
-                width=image.width,
-                height=image.height,
+                width=one.width,
+                height=one.height,
                 source="generated",
-                extra_meta=meta,
+                extra_meta={"generated": provenance},
             )
         )
-        decoded.append(image)
+        rows.append(one)
     if not news:
         return []
-    vectors = encode_batch(engine.encoders, decoded, [n.record for n in news])
+    vectors = {space: np.stack([r.vectors[space] for r in rows]) for space in catalog.spaces}
     catalog.add(news, vectors)
     return [n.record.id for n in news]
+
+
+# -- where the work runs ----------------------------------------------------------------------
+
+
+class _ThreadWorker:
+    """Runs the backend in a thread of this process with the engine's own encoders.
+
+    For backends and encoders that exist only in memory (tests, embedding lookalike as a
+    library). A job past its time limit is reported failed; its thread finishes in the
+    background and its images are dropped.
+    """
+
+    def __init__(self, backend: ImageBackend, encoders: Mapping[str, Encoder]) -> None:
+        self.backend, self.encoders = backend, encoders
+        self._device = ThreadPoolExecutor(1, thread_name_prefix=f"generate-{backend.name}")
+
+    def start(self) -> None:
+        self._device.submit(self.backend.load).result()
+
+    def run(self, request: GenerationRequest, timeout: float) -> list[Made]:
+        future = self._device.submit(render_and_encode, self.backend, self.encoders, request)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            raise TimeoutError(f"timed out after {timeout:g} s") from None
+
+    def close(self) -> None:
+        self._device.shutdown(wait=False, cancel_futures=True)
+
+
+class _ProcessWorker:
+    """Runs the backend, and a copy of the catalog's encoders, in a child process.
+
+    The child is spawned at a lower CPU priority (``nice``), so neither its CPU work nor the
+    GIL ever slows the service's requests, and a backend that crashes or hangs takes only the
+    child with it: a job past its time limit kills the child, and the next job starts a new
+    one.
+    """
+
+    def __init__(
+        self,
+        backend: ImageBackend,
+        catalog_path: Path,
+        device: str | None,
+        dtype: str,
+        nice: int,
+    ) -> None:
+        self.backend = backend
+        self._args = (str(catalog_path), device, dtype, nice)
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+
+    def start(self) -> None:
+        context = multiprocessing.get_context("spawn")  # fork would copy torch's threads
+        parent, child = context.Pipe()
+        process = context.Process(
+            target=_child_main,
+            args=(child, self.backend, *self._args),
+            name=f"lookalike-generate-{self.backend.name}",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        self._process, self._conn = process, parent
+        self._answer(None)  # the child's load: weights, encoders
+
+    def run(self, request: GenerationRequest, timeout: float) -> list[Made]:
+        if self._process is None or not self._process.is_alive():
+            self.start()
+        assert self._conn is not None
+        self._conn.send(request)
+        made: list[Made] = self._answer(timeout)
+        return made
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send(None)
+        self._stop(grace=5.0)
+
+    def _answer(self, timeout: float | None) -> Any:
+        assert self._conn is not None
+        if not self._conn.poll(timeout):
+            self._stop(grace=0.0)
+            raise TimeoutError(f"timed out after {timeout:g} s")
+        try:
+            ok, payload = self._conn.recv()
+        except EOFError:
+            code = self._process.exitcode if self._process else None
+            self._stop(grace=0.0)
+            raise RuntimeError(f"the generation process died (exit code {code})") from None
+        if not ok:
+            raise RuntimeError(payload)
+        return payload
+
+    def _stop(self, grace: float) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.join(grace)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _child_main(
+    conn: Connection,
+    backend: ImageBackend,
+    catalog_path: str,
+    device: str | None,
+    dtype: str,
+    nice: int,
+) -> None:
+    """The generation process: load, then answer requests until told to stop (None)."""
+    from indexer.build import create_encoders, recorded_specs
+
+    with contextlib.suppress(OSError):
+        os.nice(nice)
+    try:
+        backend.load()
+        encoders = create_encoders(recorded_specs(Path(catalog_path)) or {}, device, dtype)
+        for encoder in encoders.values():
+            encoder.load()
+    except Exception as exc:  # noqa: BLE001 - sent to the parent, which reports it
+        conn.send((False, f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send((True, None))
+    while (request := conn.recv()) is not None:
+        try:
+            conn.send((True, render_and_encode(backend, encoders, request)))
+        except Exception as exc:  # noqa: BLE001 - one failed job must not end the process
+            conn.send((False, f"{type(exc).__name__}: {exc}"))
 
 
 # -- the queue --------------------------------------------------------------------------------
@@ -292,15 +491,17 @@ class GenerationStats:
     images: int = 0
     last_error: str | None = None
     last_seconds: float = 0.0
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 class GenerationQueue:
     """A bounded job queue with one worker per device, feeding a backend.
 
-    Implements the engine's ``Generator`` protocol. The worker starts on the first request
-    (or on ``start``); a backend that fails to load marks the queue broken and every later
-    request is refused, with the error kept in ``stats`` and on the session that asked.
+    Implements the engine's ``Generator`` protocol. The worker starts with ``start`` (the
+    service calls it at start-up) or on the first request; a backend that fails to load marks
+    the queue broken and every later request is refused, with the error kept in ``stats`` and
+    on the session that asked. ``config.worker`` says where the backend runs: ``process`` (a
+    child process with its own copy of the catalog's encoders, the service default) or
+    ``thread`` (this process, the engine's encoders).
     """
 
     def __init__(
@@ -319,8 +520,9 @@ class GenerationQueue:
         self._last_start: OrderedDict[str, float] = OrderedDict()  # per-session rate limit
         self._made: OrderedDict[str, int] = OrderedDict()  # per-session image budget
         self._engine: Engine | None = None
-        self._worker: threading.Thread | None = None
-        self._device = ThreadPoolExecutor(1, thread_name_prefix=f"generate-{backend.name}")
+        self._worker: _ThreadWorker | _ProcessWorker | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
         self._broken: str | None = None
         self._closed = False
         self._last_checkpoint = clock()
@@ -370,30 +572,44 @@ class GenerationQueue:
         return self._broken or self._stats.last_error
 
     def start(self, engine: Engine) -> None:
-        """Bind to ``engine`` and start the worker (idempotent)."""
+        """Bind to ``engine`` and start the worker, which loads the backend (idempotent)."""
         with self._lock:
-            if self._worker is not None or self._closed:
+            if self._thread is not None or self._closed:
                 return
             self._engine = engine
-            self._worker = threading.Thread(
+            if self.config.worker == "process":
+                self._worker = _ProcessWorker(
+                    self.backend,
+                    engine.catalog.path,
+                    self.config.encoder_device,
+                    self.config.encoder_dtype,
+                    self.config.worker_nice,
+                )
+            else:
+                self._worker = _ThreadWorker(self.backend, engine.encoders)
+            self._thread = threading.Thread(
                 target=self._run, name=f"generation-{self.backend.name}", daemon=True
             )
-            self._worker.start()
+            self._thread.start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker after the job at hand; queued jobs are dropped."""
         with self._lock:
             self._closed = True
-            worker = self._worker
-        if worker is not None:
-            while True:  # make room for the stop marker
-                try:
-                    self._jobs.put_nowait(None)
-                    break
-                except queue.Full:
-                    self._drop_one()
-            worker.join(timeout)
-        self._device.shutdown(wait=False, cancel_futures=True)
+            thread = self._thread
+        if thread is None:
+            return
+        while True:  # make room for the stop marker
+            try:
+                self._jobs.put_nowait(None)
+                break
+            except queue.Full:
+                self._drop_one()
+        thread.join(timeout)
+
+    def wait_ready(self, timeout: float = 300.0) -> bool:
+        """Block until the worker has loaded its models (or failed to; see ``last_error``)."""
+        return self._started.wait(timeout)
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until no job is queued or running (for tests and benchmarks)."""
@@ -436,11 +652,14 @@ class GenerationQueue:
             self._finish(job, [], "dropped: the generator is closing")
 
     def _run(self) -> None:
+        worker = self._worker
+        assert worker is not None
         try:
-            self._device.submit(self.backend.load).result()
+            worker.start()
         except Exception as exc:  # noqa: BLE001 - a backend that cannot load must not kill us
             self._broken = f"{type(exc).__name__}: {exc}"
             log.error("generation backend %s failed to load: %s", self.backend.name, exc)
+        self._started.set()
         while True:
             job = self._jobs.get()
             if job is None:
@@ -448,24 +667,22 @@ class GenerationQueue:
             if self._broken is not None:
                 self._finish(job, [], self._broken)
                 continue
-            self._process(job)
+            self._process(job, worker)
             self._maybe_checkpoint()
+        worker.close()
         self._checkpoint()
 
-    def _process(self, job: _Job) -> None:
+    def _process(self, job: _Job, worker: _ThreadWorker | _ProcessWorker) -> None:
         engine = self._engine
         assert engine is not None
         started = self._clock()
         try:
-            future = self._device.submit(self.backend.generate, job.request)
-            images = future.result(timeout=self.config.timeout_s)
-            ids = store_generated(engine, job.request, images)
-        except FutureTimeout:
-            self._finish(job, [], f"timed out after {self.config.timeout_s:g} s")
-            return
+            made = worker.run(job.request, self.config.timeout_s)
+            ids = store_generated(engine, job.request, made)
         except Exception as exc:  # noqa: BLE001 - logged and surfaced; the service goes on
-            log.exception("generation for session %s… failed", job.session.id[:6])
-            self._finish(job, [], f"{type(exc).__name__}: {exc}")
+            error = str(exc) if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            log.warning("generation for session %s… failed: %s", job.session.id[:6], error)
+            self._finish(job, [], error)
             return
         elapsed = self._clock() - started
         log.info(

@@ -114,6 +114,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.image_slots = anyio.CapacityLimiter(settings.image_workers)
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
         metrics.bind_engine(current.stats)
+        if current.generator is not None:
+            current.generator.start(current)  # loads its models in the background
         # Encoders load in the background: /healthz answers at once, /readyz once loaded.
         threading.Thread(target=_load_encoders, args=(app, current), daemon=True).start()
         log.info("serving catalog %s (%s)", settings.catalog, ", ".join(current.spaces))

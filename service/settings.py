@@ -123,6 +123,8 @@ class Settings(BaseSettings):
             max_queued=self.generator_queue,
             session_interval_s=self.generator_interval_s,
             timeout_s=self.generator_timeout_s,
+            encoder_device=self.device,
+            encoder_dtype=self.dtype,
         )
 
     def diffusers_options(self) -> dict[str, object]:

@@ -28,7 +28,11 @@ from recommender.generate import (
 from recommender.generation_types import GeneratedImage, GenerationRequest
 from tests.fakes import fake_encoders, specs
 
-FAST = GenerationConfig(images_per_job=6, width=96, height=80, session_interval_s=0.0)
+# In-process worker: these engines use the fake encoders, which no child process could rebuild.
+THREAD = "thread"
+FAST = GenerationConfig(
+    images_per_job=6, width=96, height=80, session_interval_s=0.0, worker=THREAD
+)
 
 
 def request_for(terms: tuple[str, ...], seed: int = 3, count: int = 4) -> GenerationRequest:
@@ -254,7 +258,9 @@ def sessions_with_queries(engine: Engine, n: int) -> list[str]:
 
 def test_one_pending_job_per_session_and_a_bounded_queue(catalog_dir: Path) -> None:
     backend = BlockingBackend()
-    queue = GenerationQueue(backend, GenerationConfig(max_queued=1, session_interval_s=0.0))
+    queue = GenerationQueue(
+        backend, GenerationConfig(max_queued=1, session_interval_s=0.0, worker=THREAD)
+    )
     engine = open_engine(catalog_dir, queue)
     a, b, c = (engine.sessions.get(s) for s in sessions_with_queries(engine, 3))
     try:
@@ -276,7 +282,9 @@ def test_one_pending_job_per_session_and_a_bounded_queue(catalog_dir: Path) -> N
 
 def test_a_session_is_rate_limited_and_budgeted(catalog_dir: Path) -> None:
     clock = [0.0]
-    config = GenerationConfig(images_per_job=2, session_interval_s=30.0, max_images_per_session=4)
+    config = GenerationConfig(
+        images_per_job=2, session_interval_s=30.0, max_images_per_session=4, worker=THREAD
+    )
     queue = GenerationQueue(SampleBackend(), config, clock=lambda: clock[0])
     engine = open_engine(catalog_dir, queue)
     session = engine.sessions.get(sessions_with_queries(engine, 1)[0])
@@ -329,7 +337,9 @@ def test_a_backend_that_cannot_load_refuses_every_request(catalog_dir: Path) -> 
 
 def test_a_job_past_its_timeout_fails_and_its_images_are_dropped(catalog_dir: Path) -> None:
     backend = BlockingBackend()
-    config = GenerationConfig(images_per_job=2, timeout_s=0.2, session_interval_s=0.0)
+    config = GenerationConfig(
+        images_per_job=2, timeout_s=0.2, session_interval_s=0.0, worker=THREAD
+    )
     queue = GenerationQueue(backend, config)
     engine = open_engine(catalog_dir, queue)
     before = len(engine.catalog)
@@ -409,3 +419,13 @@ def test_the_api_reports_generation_and_serves_the_new_images(tmp_path: Path) ->
         meta = client.get(f"/v1/images/{generated[0]['id']}/meta").json()
         assert meta["generated"] and meta["generation"]["backend"] == "sample"
         assert "lookalike_generated_images_total" in client.get("/metrics").text
+
+
+def test_the_diffusers_backend_travels_to_the_worker_process_as_its_config() -> None:
+    import pickle
+
+    from recommender.generate_diffusers import DiffusersBackend, DiffusersConfig
+
+    backend = DiffusersBackend(DiffusersConfig(model="some/dir", steps=2))
+    copy = pickle.loads(pickle.dumps(backend))
+    assert isinstance(copy, DiffusersBackend) and copy.config == backend.config
