@@ -15,6 +15,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from indexer.encoders.base import EncoderSpec
-from indexer.errors import CatalogError, EncoderMismatchError
+from indexer.errors import CatalogError, DiskFullError, EncoderMismatchError
 from indexer.records import NSFW_LEVELS, DumpRecord
 from indexer.storage import atomic_write_bytes, translate_disk_full
 from indexer.vector_index import IndexPolicy, Keys, VectorIndex
@@ -36,6 +37,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DATABASE = "catalog.sqlite"
 INDEX_DIR = "faiss"
+ITEM_CACHE_SIZE = 20_000  # item rows kept in memory (about 1 KB each)
 
 # Named migrations, applied in order; PRAGMA user_version counts how many ran.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
@@ -87,6 +89,12 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         CREATE INDEX feedback_user ON feedback(user_id);
         """,
+    ),
+    (
+        "prompt-image alignment",
+        # 100 x CLIP cosine of an item's prompt and image; NULL: the item has no prompt to score.
+        # A row is deleted when the item's image or prompt changes, so absent means "to score".
+        "CREATE TABLE alignment (key INTEGER PRIMARY KEY, score REAL);",
     ),
 )
 
@@ -215,7 +223,9 @@ def encoder_entry(spec: EncoderSpec) -> dict[str, Any]:
 
 
 class Catalog:
-    """An open catalog directory. Thread-safe: one SQLite connection behind a lock."""
+    """An open catalog directory. Thread-safe: one SQLite connection for writes behind a lock,
+    and one read-only connection for the service's hot reads (items, ids, the generation), so
+    that a feed page never waits for a write's commit (WAL readers see the last commit)."""
 
     def __init__(
         self, path: Path, conn: sqlite3.Connection, manifest: dict[str, Any], policy: IndexPolicy
@@ -228,6 +238,13 @@ class Catalog:
         self.columns = Columns()
         self.indexes: dict[str, VectorIndex] = {}
         self._dirty: set[str] = set()
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self._item_cache: OrderedDict[int, CatalogItem] = OrderedDict()
+        self._item_cache_generation = -1
+        self._alignment: tuple[int, NDArray[np.float32]] | None = None
+        self._alignment_writes = 0  # changes to alignment rows: the cached array's version
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
@@ -297,7 +314,10 @@ class Catalog:
         return manifest
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            if self._reader is not None:  # first: the last connection out cleans up the WAL
+                self._reader.close()
+                self._reader = None
             self._conn.close()
 
     def __enter__(self) -> Catalog:
@@ -315,7 +335,8 @@ class Catalog:
         return self._scalar("SELECT COUNT(*) FROM items")
 
     def generation(self) -> int:
-        return self._scalar("SELECT value FROM state WHERE name = 'generation'")
+        """The count of committed writes that changed items (stamps the FAISS snapshots)."""
+        return int(self._read("SELECT value FROM state WHERE name = 'generation'")[0][0])
 
     def info(self) -> dict[str, Any]:
         """The summary `lookalike info --json` prints."""
@@ -357,15 +378,13 @@ class Catalog:
             ).fetchone()
         return int(row[0]) if row else None
 
-    def key_for_id(self, item_id: str) -> int | None:
-        """The key of an item id, following duplicate aliases to the stored item."""
-        with self._lock:
-            row = self._conn.execute("SELECT key FROM items WHERE id = ?", (item_id,)).fetchone()
-            if row is None:
-                row = self._conn.execute(
-                    "SELECT of_key FROM duplicates WHERE id = ?", (item_id,)
-                ).fetchone()
-        return int(row[0]) if row else None
+    def key_for_id(self, item_id: str, *, follow_aliases: bool = True) -> int | None:
+        """The key of an item id, following duplicate aliases to the stored item (unless
+        ``follow_aliases`` is False: then only an item stored under this very id counts)."""
+        rows = self._read("SELECT key FROM items WHERE id = ?", (item_id,))
+        if not rows and follow_aliases:
+            rows = self._read("SELECT of_key FROM duplicates WHERE id = ?", (item_id,))
+        return int(rows[0][0]) if rows else None
 
     # -- writes ---------------------------------------------------------------------------
     def add(self, items: Sequence[NewItem], vectors: Mapping[str, NDArray[np.float32]]) -> Keys:
@@ -411,6 +430,8 @@ class Catalog:
             if cursor.rowcount == 0:
                 return False
             self._set_tags(int(row[0]), record.tags)
+            self._conn.execute("DELETE FROM alignment WHERE key = ?", (int(row[0]),))
+            self._alignment_writes += 1
             self._bump_generation()
         self.columns.set(int(row[0]), record.nsfw_level, record.base_model)
         return True
@@ -443,7 +464,7 @@ class Catalog:
                 ).fetchone()
                 if row is not None:
                     key = int(row[0])
-                    for table in ("items", "item_tags", "vectors"):
+                    for table in ("items", "item_tags", "vectors", "alignment"):
                         self._conn.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
                     self._conn.execute("DELETE FROM duplicates WHERE of_key = ?", (key,))
                     removed_keys.append(key)
@@ -517,24 +538,119 @@ class Catalog:
                 )
             )
 
+    def iter_user_feedback(self, batch: int = 100_000) -> Iterable[list[tuple[str, int, float]]]:
+        """Events of sessions with a user id as (user_id, item key, dwell_ms), in batches.
+
+        Image ids resolve to item keys (duplicate aliases to the stored item); events on items
+        that are gone are left out. Oldest first.
+        """
+        last = -1
+        while True:
+            with self._lock:
+                rows = self._conn.execute(
+                    "SELECT f.rowid, f.user_id, COALESCE(i.key, d.of_key), f.dwell_ms "
+                    "FROM feedback f LEFT JOIN items i ON i.id = f.image_id "
+                    "LEFT JOIN duplicates d ON d.id = f.image_id "
+                    "WHERE f.user_id IS NOT NULL AND f.rowid > ? ORDER BY f.rowid LIMIT ?",
+                    (last, batch),
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [(user, int(key), float(ms)) for _, user, key, ms in rows if key is not None]
+
+    def tag_counts(self, limit: int) -> list[tuple[str, int]]:
+        """The ``limit`` most used tags with their item counts, most used first."""
+        with self._lock:
+            return list(
+                self._conn.execute(
+                    "SELECT tag, COUNT(*) AS n FROM item_tags GROUP BY tag "
+                    "ORDER BY n DESC, tag LIMIT ?",
+                    (limit,),
+                )
+            )
+
+    # -- prompt-image alignment -----------------------------------------------------------
+    def items_to_align(self, after_key: int, limit: int) -> list[tuple[int, str | None]]:
+        """(key, prompt) of items with no alignment row yet, by key, after ``after_key``."""
+        with self._lock:
+            return list(
+                self._conn.execute(
+                    "SELECT i.key, i.prompt FROM items i LEFT JOIN alignment a ON a.key = i.key "
+                    "WHERE a.key IS NULL AND i.key > ? ORDER BY i.key LIMIT ?",
+                    (after_key, limit),
+                )
+            )
+
+    def set_alignment(self, keys: Sequence[int], scores: Sequence[float]) -> None:
+        """Store prompt-image alignment scores (NaN: the item has no prompt to score)."""
+        with self._lock, translate_disk_full("storing alignment scores"), self._conn:
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO alignment (key, score) VALUES (?, ?)",
+                (
+                    (int(k), float(v) if np.isfinite(v) else None)
+                    for k, v in zip(keys, scores, strict=True)
+                ),
+            )
+            self._alignment_writes += 1
+
+    def alignment_scores(self) -> NDArray[np.float32]:
+        """Every stored alignment score by item key: float32 (max key + 1,), NaN where none.
+
+        Read once and kept until a score is stored or cleared (new items have none; deleted
+        ones are masked out by ``columns.live``), so pages that filter on it stay cheap.
+        """
+        with self._lock:
+            version = self._alignment_writes
+            if self._alignment is None or self._alignment[0] != version:
+                rows = self._conn.execute(
+                    "SELECT key, score FROM alignment WHERE score IS NOT NULL"
+                ).fetchall()
+                keys = np.array([r[0] for r in rows], dtype=np.int64)
+                scores = np.full(int(keys.max()) + 1 if len(keys) else 0, np.nan, np.float32)
+                scores[keys] = [r[1] for r in rows]
+                self._alignment = (version, scores)
+            return self._alignment[1]
+
+    def alignment(self, keys: Sequence[int] | Keys) -> NDArray[np.float32]:
+        """Alignment scores of ``keys``: float32 (n,), NaN where none is stored."""
+        table = self.alignment_scores()
+        wanted = np.asarray(keys, dtype=np.int64)
+        out = np.full(len(wanted), np.nan, dtype=np.float32)
+        inside = (wanted >= 0) & (wanted < len(table))
+        out[inside] = table[wanted[inside]]
+        return out
+
     # -- reads ----------------------------------------------------------------------------
     def items(self, keys: Sequence[int]) -> list[CatalogItem]:
         """Items for ``keys``, in the same order; keys that are gone are left out."""
         if len(keys) == 0:
             return []
         wanted = [int(k) for k in keys]
-        by_key: dict[int, CatalogItem] = {}
-        with self._lock:
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start : start + 500]
-                rows = self._conn.execute(
+        with self._cache_lock:
+            # Successive pages of a scroll re-read most of their candidates: rows are cached
+            # until the next write (every write that changes items bumps the generation).
+            cache = self._item_cache
+            generation = self.generation()
+            if generation != self._item_cache_generation:
+                cache.clear()
+                self._item_cache_generation = generation
+            missing = [k for k in wanted if k not in cache]
+            for start in range(0, len(missing), 500):
+                chunk = missing[start : start + 500]
+                rows = self._read(
                     f"SELECT {_ITEM_COLUMNS} FROM items WHERE key IN "
                     f"({','.join('?' * len(chunk))})",
                     chunk,
                 )
                 for row in rows:
-                    by_key[row[0]] = _item_from_row(row)
-        return [by_key[k] for k in wanted if k in by_key]
+                    cache[row[0]] = _item_from_row(row)
+            found = [cache[k] for k in wanted if k in cache]
+            for item in found:
+                cache.move_to_end(item.key)
+            while len(cache) > ITEM_CACHE_SIZE:
+                cache.popitem(last=False)
+        return found
 
     def item(self, item_id: str) -> CatalogItem | None:
         key = self.key_for_id(item_id)
@@ -596,6 +712,13 @@ class Catalog:
                 "Rebuild it with a profile that includes it, e.g. `--profile default`."
             ) from None
 
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of a query on the read-only connection (committed data only)."""
+        with self._read_lock:
+            if self._reader is None:
+                self._reader = _connect_reader(self.path / DATABASE)
+            return self._reader.execute(sql, params).fetchall()
+
     def _scalar(self, sql: str) -> int:
         with self._lock:
             return int(self._conn.execute(sql).fetchone()[0])
@@ -623,6 +746,8 @@ class Catalog:
                 f"UPDATE items SET {', '.join(f'{c} = ?' for c in values)} WHERE key = ?",
                 (*values.values(), key),
             )
+            self._conn.execute("DELETE FROM alignment WHERE key = ?", (key,))
+            self._alignment_writes += 1
         else:
             columns = ["id", *values, "added_at"]
             cursor = self._conn.execute(
@@ -632,6 +757,8 @@ class Catalog:
             )
             key = int(cursor.lastrowid or 0)
         self._conn.execute("DELETE FROM skipped WHERE file = ?", (item.file,))
+        # An alias whose file now holds bytes of its own is an item from here on, not both.
+        self._conn.execute("DELETE FROM duplicates WHERE id = ?", (item.record.id,))
         self._set_tags(key, item.record.tags)
         return key
 
@@ -670,7 +797,12 @@ class Catalog:
             else:
                 self.indexes[space] = index
         if self._dirty:
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except DiskFullError as exc:
+                # The rebuilt indexes serve from memory; the snapshots stay dirty and are
+                # written by the next checkpoint. A full disk must not make a catalog unopenable.
+                log.warning("could not save the rebuilt indexes: %s", exc)
 
     def _vector_count(self, space: str) -> int:
         with self._lock:
@@ -751,14 +883,23 @@ def _record_values(record: DumpRecord) -> dict[str, Any]:
 
 def _connect(path: Path) -> sqlite3.Connection:
     try:
-        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA busy_timeout = 10000")
-        _migrate(conn)
+        with translate_disk_full(f"opening {path}"):
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA busy_timeout = 10000")
+            _migrate(conn)
     except sqlite3.DatabaseError as exc:
         raise CatalogError(f"Cannot open catalog database {path}: {exc}") from exc
     conn.isolation_level = "DEFERRED"  # `with conn:` now wraps each write in a transaction
+    return conn
+
+
+def _connect_reader(path: Path) -> sqlite3.Connection:
+    # Autocommit (isolation_level None): every query reads the latest commit.
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 10000")
     return conn
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from indexer.alignment import TextImageEncoder, align_catalog
 from indexer.catalog import Catalog, NewItem
 from indexer.dump import iter_dump
 from indexer.encoders.base import Encoder
@@ -77,6 +78,7 @@ class IndexReport:
     duplicates: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
+    aligned: int = 0  # prompt-image alignment scores computed (catalogs with a clip space)
 
     @property
     def images_per_s(self) -> float:
@@ -89,7 +91,8 @@ class IndexReport:
             f"indexed {self.indexed}, unchanged {self.unchanged}, "
             f"metadata updated {self.metadata_updated}, duplicates {self.duplicates}, "
             f"skipped {skipped}{f' ({reasons})' if reasons else ''}, "
-            f"{self.elapsed_s:.1f} s, {self.images_per_s:.1f} images/s"
+            + (f"alignment scored {self.aligned}, " if self.aligned else "")
+            + f"{self.elapsed_s:.1f} s, {self.images_per_s:.1f} images/s"
         )
 
     def to_json(self) -> dict[str, object]:
@@ -99,6 +102,7 @@ class IndexReport:
             "metadata_updated": self.metadata_updated,
             "duplicates": self.duplicates,
             "skipped": dict(self.skipped),
+            "aligned": self.aligned,
             "elapsed_s": round(self.elapsed_s, 3),
             "images_per_s": round(self.images_per_s, 2),
         }
@@ -173,7 +177,10 @@ class _Batcher:
 
     def add(self, item: Decoded) -> None:
         existing = self.catalog.key_for_hash(item.content_hash)
-        if existing is not None and self.catalog.key_for_id(item.record.id) != existing:
+        # Re-stored in place only when these bytes are stored under this very id (its file was
+        # moved or touched); an id known as an alias of them stays an alias.
+        own_key = self.catalog.key_for_id(item.record.id, follow_aliases=False)
+        if existing is not None and own_key != existing:
             self._duplicate(item, existing)
         elif existing is None and item.content_hash in self.pending_hashes:
             self.waiting_duplicates.append(item)
@@ -198,6 +205,9 @@ class _Batcher:
         self.waiting_duplicates = []
 
     def _duplicate(self, item: Decoded, of_key: int) -> None:
+        if self.catalog.key_for_id(item.record.id, follow_aliases=False) is not None:
+            # The id's file now holds another item's bytes: it is an alias, no longer an item.
+            self.catalog.delete([item.record.id])
         self.catalog.add_duplicate(item.record.id, of_key, item.file, item.size, item.mtime_ns)
         self.report.duplicates += 1
 
@@ -252,6 +262,9 @@ def index_dump(
             if on_progress is not None:
                 on_progress(report)
         batcher.flush()
+        clip = encoders.get("clip")
+        if isinstance(clip, TextImageEncoder):  # also scores earlier items that lack a score
+            report.aligned = align_catalog(catalog, clip, progress=config.progress)
         catalog.checkpoint()
     finally:
         bar.close()

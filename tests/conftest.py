@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from indexer.sample_dump import SampleDumpSummary, write_sample_dump
@@ -115,3 +117,29 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 # --- end of encoder fixtures ----------------------------------------------------------------
+
+
+# --- reliability fixtures (tests/test_reliability_*.py) -------------------------------------
+
+
+def build_pixels_catalog(dump: Path, catalog_dir: Path) -> Path:
+    """Index ``dump`` into a catalog with only the weight-free ``visual`` space (``pixels``):
+    the real encoder and service code path, and a server over it is ready in about a second."""
+    from indexer.catalog import Catalog
+    from indexer.encoders import create_encoder, profile_specs
+    from indexer.pipeline import PipelineConfig, index_dump
+
+    encoder = create_encoder(profile_specs("offline")["visual"], device="cpu", dtype="fp32")
+    encoder.load()
+    with Catalog.create_or_open(catalog_dir, {"visual": encoder.spec}) as catalog:
+        index_dump(dump, catalog, {"visual": encoder}, PipelineConfig(progress=False))
+    return catalog_dir
+
+
+@pytest.fixture(scope="session")
+def pixels_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 40-image sample dump (seed 21) indexed into a pixels-only catalog, once per session.
+    Tests that write to it (feedback) use ids of their own."""
+    root = tmp_path_factory.mktemp("pixels_catalog")
+    write_sample_dump(root / "dump", 40, 21)
+    return build_pixels_catalog(root / "dump", root / "catalog")

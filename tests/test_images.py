@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +21,9 @@ from indexer.images import (
     read_embedded_metadata,
     sniff_format,
 )
+from tests.hostile_corpus import encode, png_header_only
 
 RED = (220, 20, 30)
-
-
-def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR declares ``width`` x ``height`` and holds no pixel data at all."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND", b"")
 
 
 def rejected(source: bytes | Path, **kwargs: object) -> str:

@@ -17,7 +17,10 @@ router = APIRouter(prefix="/v1", tags=["feedback"])
 @router.post(
     "/feedback",
     status_code=202,
-    responses=error_docs((404, "unknown or expired session"), (422, "invalid events")),
+    # 400: FastAPI answers a body that is not JSON before the route runs (found by fuzzing).
+    responses=error_docs(
+        (400, "malformed JSON body"), (404, "unknown or expired session"), (422, "invalid events")
+    ),
 )
 def feedback(engine: EngineDep, body: FeedbackIn) -> FeedbackOut:
     """Record dwell events; answered only once they are committed to the catalog."""

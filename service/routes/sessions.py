@@ -13,9 +13,10 @@ router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 SessionPath = Annotated[str, Path(min_length=1, max_length=128)]
 _NOT_FOUND = error_docs((404, "unknown or expired session"))
+_BAD_JSON = (400, "malformed JSON body")
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=error_docs(_BAD_JSON))
 def create_session(engine: EngineDep, body: SessionCreate | None = None) -> SessionCreated:
     """Start a session; its id carries at least 128 bits of randomness."""
     return SessionCreated(session_id=engine.create_session(body.user_id if body else None))
@@ -27,7 +28,11 @@ def session_info(engine: EngineDep, session_id: SessionPath) -> SessionOut:
     return SessionOut.of(engine.session_info(session_id))
 
 
-@router.post("/{session_id}/mute", status_code=204, responses=_NOT_FOUND)
+@router.post(
+    "/{session_id}/mute",
+    status_code=204,
+    responses=error_docs(_BAD_JSON, (404, "unknown or expired session")),
+)
 def mute(engine: EngineDep, session_id: SessionPath, body: MuteIn) -> Response:
     """ "Less of this": the term stops pulling the session's feed."""
     engine.mute(session_id, body.term)
