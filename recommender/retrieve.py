@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from indexer.catalog import Catalog
+from recommender.alignment import require_clip
 
 
 @dataclass(frozen=True)
@@ -22,12 +23,15 @@ class Filters:
 
     ``max_nsfw_level`` is on civitai's scale 0 None, 1 Soft, 2 Mature, 3 X, 4 XXX;
     an item must carry every tag in ``tags_required`` and none in ``tags_excluded``.
+    ``min_alignment``: the least prompt-image alignment score (100 x CLIP cosine) an item must
+    have; items without a score (no prompt) are left out. Needs a ``clip`` space.
     """
 
     max_nsfw_level: int | None = None
     base_models: tuple[str, ...] = ()
     tags_required: tuple[str, ...] = ()
     tags_excluded: tuple[str, ...] = ()
+    min_alignment: float | None = None
 
     @property
     def empty(self) -> bool:
@@ -36,6 +40,7 @@ class Filters:
             and not self.base_models
             and not self.tags_required
             and not self.tags_excluded
+            and self.min_alignment is None
         )
 
 
@@ -73,6 +78,12 @@ def allowed_mask(catalog: Catalog, filters: Filters) -> NDArray[np.bool_] | None
     if filters.tags_excluded:
         keys = catalog.keys_with_tags(filters.tags_excluded)
         mask[keys[keys < len(mask)]] = False
+    if filters.min_alignment is not None:
+        require_clip(catalog.spaces, "The min_alignment filter")
+        scores = catalog.alignment_scores()[: len(mask)]
+        aligned = np.zeros_like(mask)
+        aligned[: len(scores)] = scores >= filters.min_alignment  # NaN (no score) is False
+        mask &= aligned
     return mask
 
 

@@ -40,7 +40,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-UPLOAD_PATHS = frozenset({"/v1/search", "/knn-service"})
+UPLOAD_PATHS = frozenset({"/v1/search", "/knn-service", "/v1/score"})
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 IMAGE_COST = 0.2  # one feed page shows ~20 images: fetching them should not cost 20 requests
 

@@ -233,6 +233,148 @@ def demo(
     run_server(settings, what=f"the demo catalog {settings.catalog}")
 
 
+@app.command()
+def score(
+    pairs: Annotated[
+        Path,
+        typer.Argument(help="CSV with columns `image` (a path, relative to the CSV) and `text`"),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Scores CSV (default: PAIRS.scores.csv)")
+    ] = None,
+    catalog: CatalogOption = None,
+    clip_model: Annotated[
+        str | None,
+        typer.Option(help="Hub id or local dir of a CLIP model (default: the catalog's)"),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default auto)")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto (bf16 on GPUs and AMX CPUs), fp32 or bf16")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Pairs per encoder batch")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
+) -> None:
+    """Score how well each image matches its text: 100 x CLIP cosine. Needs CLIP."""
+    from recommender.alignment import score_csv, scoring_encoder
+
+    settings = settings_from(
+        catalog=catalog, clip_model=clip_model, device=device, dtype=dtype, batch_size=batch_size
+    )
+    encoder = scoring_encoder(
+        settings.catalog, settings.clip_model, settings.device, settings.dtype
+    )
+    target = out or pairs.with_name(pairs.stem + ".scores.csv")
+    summary = score_csv(
+        pairs,
+        target,
+        encoder,
+        batch_size=settings.batch_size,
+        decode_workers=settings.decode_workers,
+        progress=sys.stderr.isatty(),
+    )
+    typer.echo(json.dumps(summary.to_json()) if json_out else summary.summary())
+
+
+taste_app = typer.Typer(
+    help="Collaborative taste: user taste vectors fitted from dwell feedback.",
+    no_args_is_help=True,
+)
+app.add_typer(taste_app, name="taste")
+
+
+@taste_app.command("fit")
+def taste_fit(
+    catalog: CatalogOption = None,
+    rank: Annotated[
+        int | None, typer.Option(help="Factor dimension (top principal directions) [64]")
+    ] = None,
+    iterations: Annotated[int | None, typer.Option(help="ALS sweeps [8]")] = None,
+    lam: Annotated[float | None, typer.Option(help="L2 on user factors [1]")] = None,
+    mu: Annotated[float | None, typer.Option(help="Anchor of items to embeddings [10]")] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Confidence per unit of standardised dwell [10]")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default auto)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
+) -> None:
+    """Fit every known user's taste from the catalog's dwell feedback (writes taste.npz)."""
+    from indexer.build import recorded_specs
+    from indexer.catalog import Catalog
+    from indexer.encoders import create_encoder
+    from recommender.alignment import peak_rss_mb
+    from recommender.taste import TASTE_FILE, TasteConfig, fit_taste
+
+    settings = settings_from(catalog=catalog, device=device)
+    given: dict[str, Any] = {
+        "rank": rank,
+        "iterations": iterations,
+        "lam": lam,
+        "mu": mu,
+        "alpha": alpha,
+    }
+    config = TasteConfig(**{k: v for k, v in given.items() if v is not None})
+    specs = recorded_specs(settings.catalog) or {}
+    # the text encoder embeds the vocabulary that describes tastes
+    text = create_encoder(specs["text"], device=settings.device) if "text" in specs else None
+    with Catalog.open(settings.catalog) as cat:
+        model = fit_taste(cat, config, text_encoder=text)
+        model.save(cat.path / TASTE_FILE)
+    info = {**model.info, "path": str(settings.catalog / TASTE_FILE)}
+    info["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if json_out:
+        typer.echo(json.dumps(info))
+        return
+    spaces = ", ".join(f"{space} (rank {rank})" for space, rank in info["rank"].items())
+    typer.echo(
+        f"taste fitted: {info['users']} users, {info['items']} items, {info['events']} events; "
+        f"{spaces}, {config.iterations} sweeps; ALS {info['als_s']:.1f} s, total "
+        f"{info['total_s']:.1f} s, peak memory {info['peak_rss_mb']:.0f} MB; "
+        f"written to {info['path']}"
+    )
+
+
+@taste_app.command("show")
+def taste_show(
+    user_id: Annotated[str, typer.Argument(help="The user id sessions were created with")],
+    catalog: CatalogOption = None,
+    terms: Annotated[int, typer.Option(help="Terms and tags to show")] = 12,
+    images: Annotated[int, typer.Option(help="Images to show")] = 8,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Describe a user's taste: nearest terms and tags, nearest images."""
+    from indexer.catalog import Catalog
+    from recommender.taste import TasteStore, describe_taste
+
+    settings = settings_from(catalog=catalog)
+    with Catalog.open(settings.catalog) as cat:
+        store = TasteStore.for_catalog(cat.path)
+        described = describe_taste(store, cat, user_id, n_terms=terms, n_images=images)
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "user_id": described.user_id,
+                    "events": described.events,
+                    "borrowed_from": described.borrowed,
+                    "terms": [
+                        {"term": t, "kind": k, "similarity": round(v, 4)}
+                        for t, k, v in described.terms
+                    ],
+                    "images": [
+                        {"id": i, "similarity": round(v, 4), "prompt": p}
+                        for i, v, p in described.images
+                    ],
+                }
+            )
+        )
+        return
+    borrowed = f", borrowing from {described.borrowed} similar users" if described.borrowed else ""
+    typer.echo(f"user {user_id}: feedback on {described.events} items{borrowed}")
+    typer.echo("  terms: " + ", ".join(f"{t} ({v:.2f})" for t, _, v in described.terms))
+    for image_id, similarity, prompt in described.images:
+        typer.echo(f"  {image_id}  {similarity:.3f}  {(prompt or '')[:80]}")
+
+
 def run_server(settings: Settings, what: str) -> None:
     """Open the engine (errors surface here, before listening), then serve until interrupted."""
     import uvicorn

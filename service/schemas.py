@@ -6,13 +6,16 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from indexer.alignment import ALIGNMENT_SCALE
 from indexer.catalog import CatalogItem
 from indexer.records import NSFW_LEVELS
+from recommender.alignment import ScorePair
 from recommender.api import (
     FeedbackEvent,
     FeedbackResult,
@@ -26,6 +29,7 @@ from recommender.api import (
     SessionInfo,
     TextQuery,
 )
+from recommender.taste import TasteDescription
 
 Id = Annotated[str, Field(min_length=1, max_length=256)]
 SessionId = Annotated[str, Field(min_length=1, max_length=128)]
@@ -109,6 +113,8 @@ class FiltersIn(Strict):
     base_models: Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=50)] = []
     tags_required: Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=50)] = []
     tags_excluded: Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=50)] = []
+    # Least prompt-image alignment (100 x CLIP cosine); needs a catalog with a clip space.
+    min_alignment: Annotated[float | None, Field(ge=-100, le=100, allow_inf_nan=False)] = None
 
     @field_validator("max_nsfw_level")
     @classmethod
@@ -131,6 +137,7 @@ class FiltersIn(Strict):
             base_models=tuple(self.base_models),
             tags_required=tuple(t.strip().lower() for t in self.tags_required if t.strip()),
             tags_excluded=tuple(t.strip().lower() for t in self.tags_excluded if t.strip()),
+            min_alignment=self.min_alignment,
         )
 
 
@@ -369,3 +376,115 @@ class Readiness(BaseModel):
 
 def _finite(x: float) -> float:
     return float(x) if math.isfinite(x) else 0.0
+
+
+# --------------------------------------------------------------------------- alignment scores
+
+MAX_SCORE_PAIRS = 64
+
+
+class ScorePairIn(Strict):
+    """One (image, text) pair: an indexed image by ``image_id`` or one sent as ``image_b64``."""
+
+    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+    image_id: Id | None = None
+    image_b64: str | None = None
+
+    @model_validator(mode="after")
+    def _one_image(self) -> ScorePairIn:
+        if (self.image_id is None) == (self.image_b64 is None):
+            raise ValueError("give exactly one of image_id, image_b64")
+        return self
+
+    def to_pair(self) -> ScorePair:
+        if self.image_id is not None:
+            return ScorePair(text=self.text, image_id=self.image_id)
+        assert self.image_b64 is not None
+        return ScorePair(text=self.text, image=decode_b64(self.image_b64, "image_b64"))
+
+
+class ScoreIn(Strict):
+    """One pair (``text`` and ``image_id`` | ``image_b64`` at the top level) or ``pairs``."""
+
+    text: Annotated[str | None, Field(min_length=1, max_length=MAX_TEXT)] = None
+    image_id: Id | None = None
+    image_b64: str | None = None
+    pairs: Annotated[list[ScorePairIn] | None, Field(min_length=1, max_length=MAX_SCORE_PAIRS)] = (
+        None
+    )
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ScoreIn:
+        single = [self.text, self.image_id, self.image_b64]
+        if (self.pairs is None) == all(value is None for value in single):
+            raise ValueError("give either one pair (text and an image) or `pairs`, not both")
+        if self.pairs is None and self.text is None:
+            raise ValueError("a single pair needs a `text`")
+        if self.pairs is None and (self.image_id is None) == (self.image_b64 is None):
+            raise ValueError("a single pair needs exactly one of image_id, image_b64")
+        return self
+
+    def to_pairs(self) -> list[ScorePair]:
+        """The engine's pairs; ValueError for invalid base64."""
+        if self.pairs is not None:
+            return [pair.to_pair() for pair in self.pairs]
+        assert self.text is not None
+        single = ScorePairIn(text=self.text, image_id=self.image_id, image_b64=self.image_b64)
+        return [single.to_pair()]
+
+
+class ScoreOut(BaseModel):
+    """Alignment scores (100 x CLIP cosine of image and text), in the order of the pairs."""
+
+    scores: list[float]
+    scale: float = ALIGNMENT_SCALE
+
+    @classmethod
+    def of(cls, scores: Sequence[float]) -> ScoreOut:
+        return cls(scores=[round(_finite(float(s)), 4) for s in scores])
+
+
+# --------------------------------------------------------------------------- taste
+
+
+class TasteTerm(BaseModel):
+    term: str
+    kind: Literal["tag", "term"]
+    similarity: float
+
+
+class TasteImage(BaseModel):
+    id: str
+    url: str
+    similarity: float
+    prompt: str | None
+
+
+class TasteOut(BaseModel):
+    """A user's taste: the vocabulary nearest it in the text space, the images nearest it.
+
+    ``events``: items the user had feedback on at the last fit; ``borrowed_from``: how many
+    similar users were mixed in (users with few events).
+    """
+
+    user_id: str
+    events: int
+    borrowed_from: int
+    terms: list[TasteTerm]
+    images: list[TasteImage]
+
+    @classmethod
+    def of(cls, taste: TasteDescription) -> TasteOut:
+        return cls(
+            user_id=taste.user_id,
+            events=taste.events,
+            borrowed_from=taste.borrowed,
+            terms=[
+                TasteTerm(term=t, kind="tag" if k == "tag" else "term", similarity=_finite(s))
+                for t, k, s in taste.terms
+            ],
+            images=[
+                TasteImage(id=i, url=image_url(i), similarity=_finite(s), prompt=p)
+                for i, s, p in taste.images
+            ],
+        )

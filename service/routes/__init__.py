@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.routes import feedback, images, knn, ops, search, sessions
+from service.routes import feedback, images, knn, ops, score, search, sessions, taste
 
 ROUTERS: tuple[APIRouter, ...] = (
     sessions.router,
@@ -13,4 +13,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     images.router,
     knn.router,
     ops.router,
+    score.router,
+    taste.router,
 )
