@@ -45,6 +45,8 @@ from recommender.rerank import RerankConfig, prompt_terms, rerank
 from recommender.retrieve import Filters, allowed_mask, retrieve
 from recommender.sessions import FeedbackEvent as StoredEvent
 from recommender.sessions import Served, Session, SessionConfig, SessionStore
+from recommender.taste import TasteStore
+from recommender.terms import TERM_SPACE, term_matrix, term_vector
 from recommender.types import Vector, unit
 
 log = logging.getLogger(__name__)
@@ -91,11 +93,13 @@ class Engine:
         generator: Generator | None = None,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
+        taste: TasteStore | None = None,
     ) -> None:
         self.catalog = catalog
         self.encoders = dict(encoders)
         self.config = config or EngineConfig()
         self.generator = generator
+        self.taste = taste  # known users' sessions start from their taste (recommender/taste.py)
         self.sessions = SessionStore(self.config.sessions, clock=clock)
         self.steerer: Steerer = make_steerer(self.config.steering)
         self._seed = np.random.SeedSequence(seed)
@@ -126,6 +130,7 @@ class Engine:
             config,
             generator=generator,
             seed=seed,
+            taste=TasteStore.for_catalog(path),
         )
 
     # -- description ----------------------------------------------------------------------
@@ -312,6 +317,11 @@ class Engine:
         filters: Filters | None,
     ) -> None:
         session.q0 = {space: unit(v) for space, v in vectors.items()}
+        terms = term_vector(tags, prompt)
+        if np.any(terms):  # steering learns which tags and prompt terms the person likes
+            session.q0[TERM_SPACE] = terms
+        if self.taste is not None:
+            self.taste.warm_start(session)  # a known user's taste joins the query
         session.query = dict(session.q0)
         session.steering = {space: self.steerer.init_state(v) for space, v in session.q0.items()}
         session.filters = filters or Filters()
@@ -344,7 +354,9 @@ class Engine:
         by_key = {item.key: item for item in items}
         keep = np.array([k in by_key for k in candidates.keys.tolist()], dtype=bool)
         candidates = candidates.take(keep)
-        ranked = self._rank(session, candidates, [by_key[k] for k in candidates.keys.tolist()])
+        items = [by_key[k] for k in candidates.keys.tolist()]
+        candidates.set_vectors(TERM_SPACE, term_matrix([(i.tags, i.prompt) for i in items]))
+        ranked = self._rank(session, candidates, items)
         picks = self._pick(session, ranked, size)
         served = [
             Served(ranked.items[p.rank].id, p.kind, float(ranked.scores[p.rank]), self._clock())
@@ -411,6 +423,8 @@ class Engine:
         standardised over the candidates (spaces' cosine ranges differ), averaged over the
         spaces where it has a vector. float64 (n,)."""
         spaces = self._query_spaces(session)
+        if TERM_SPACE in session.query and candidates.has(TERM_SPACE):
+            spaces.append(TERM_SPACE)
         if len(spaces) == 1 or not len(candidates):
             return candidates.scores.astype(np.float64)
         sims = []
@@ -432,7 +446,7 @@ class Engine:
         clip_sim = None
         if "clip" in self.spaces and "clip" in session.query and session.primary != "clip":
             clip_sim = candidates.vectors("clip") @ session.query["clip"]
-        terms = [list(item.tags) + prompt_terms(item.prompt) for item in items]
+        terms = [item.tags + tuple(prompt_terms(item.prompt)) for item in items]
         result = rerank(
             self._query_similarity(session, candidates),
             session.vocabulary,
@@ -460,17 +474,32 @@ class Engine:
                 interleave=explore.interleave,
             )
         rng = self._rng(session)
-        state = session.steering.get(session.primary)
-        scores = None
-        if state is not None and len(ranked.items):
-            vectors = ranked.pool.vectors(session.primary)
-            scores = self.steerer.explore_scores(state, vectors, rng)
+        scores = self._explore_scores(session, ranked.pool, rng)
         picks = make_page(len(ranked.items), explore, rng, scores)
         if len(picks) < size:  # large pages outgrow the explore window: fill with top ranks
             used = {p.rank for p in picks}
             spare = [r for r in range(len(ranked.items)) if r not in used]
             picks += [Pick(r, "top") for r in spare[: size - len(picks)]]
         return picks
+
+    def _explore_scores(
+        self, session: Session, pool: _Pool, rng: np.random.Generator
+    ) -> NDArray[np.float32] | None:
+        """The steerer's exploration scores (e.g. Thompson samples) of the candidates in the
+        primary and ``terms`` spaces, standardised and summed; None for uniform picks."""
+        if not len(pool):
+            return None
+        total: NDArray[np.float64] | None = None
+        for space in (session.primary, TERM_SPACE):
+            state = session.steering.get(space)
+            if state is None or (space == TERM_SPACE and not pool.has(space)):
+                continue
+            got = self.steerer.explore_scores(state, pool.vectors(space), rng)
+            if got is None:
+                return None
+            z = (got - got.mean()) / max(float(got.std()), 1e-9)
+            total = z if total is None else total + z
+        return None if total is None else total.astype(np.float32)
 
     def _is_sparse(self, session: Session, candidates: _Pool, size: int) -> bool:
         """Fewer than a page of unseen candidates near the *original* query."""
@@ -514,7 +543,15 @@ class Engine:
         )
         known_keys = [k for _, k in known]
         for space, state in session.steering.items():
-            vectors = self.catalog.vectors(space, known_keys)
+            if space == TERM_SPACE:
+                by_key = {item.key: item for item in self.catalog.items(known_keys)}
+                pairs = [
+                    (by_key[k].tags, by_key[k].prompt) if k in by_key else ((), None)
+                    for k in known_keys
+                ]
+                vectors = term_matrix(pairs)
+            else:
+                vectors = self.catalog.vectors(space, known_keys)
             session.query[space] = self.steerer.update(state, vectors, known_scores)
         self._learn_vocabulary(session, known_keys, known_scores)
 
@@ -561,6 +598,13 @@ class _Pool:
         if space not in self._vectors:
             self._vectors[space] = self._catalog.vectors(space, self.keys)
         return self._vectors[space]
+
+    def has(self, space: str) -> bool:
+        return space in self._vectors
+
+    def set_vectors(self, space: str, rows: NDArray[np.float32]) -> None:
+        """Vectors of a space the catalog does not store (the ``terms`` space)."""
+        self._vectors[space] = rows
 
     def take(self, index: NDArray[np.int64] | NDArray[np.bool_]) -> _Pool:
         """The candidates selected by ``index`` (positions or a mask), in that order."""

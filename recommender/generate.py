@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from indexer.alignment import TextImageEncoder, alignment_scores, scoring_text
 from indexer.catalog import NewItem
 from indexer.encoders.base import Encoder
 from indexer.images import ImageLimits, decode_image
@@ -235,6 +236,7 @@ class Made:
     backend: str
     model: str | None
     conditioning: dict[str, Any]
+    alignment: float | None = None  # 100 × CLIP cosine of image and prompt (clip space only)
 
 
 def render_and_encode(
@@ -257,6 +259,7 @@ def render_and_encode(
     if not images:
         return []
     vectors = encode_batch(encoders, decoded, records)
+    alignment = _alignment(encoders, vectors, [g.prompt for g in images])
     return [
         Made(
             png=png,
@@ -268,9 +271,26 @@ def render_and_encode(
             backend=generated.backend,
             model=generated.model,
             conditioning=generated.conditioning,
+            alignment=None if alignment is None or np.isnan(alignment[i]) else float(alignment[i]),
         )
         for i, (png, generated, image) in enumerate(zip(pngs, images, decoded, strict=True))
     ]
+
+
+def _alignment(
+    encoders: Mapping[str, Encoder], vectors: Mapping[str, NDArray[np.float32]], prompts: list[str]
+) -> NDArray[np.float32] | None:
+    """Prompt-image alignment of each image, as the indexer stores it; None without CLIP."""
+    clip = encoders.get("clip")
+    if clip is None or not isinstance(clip, TextImageEncoder):
+        return None
+    texts = [scoring_text(p) for p in prompts]
+    scores = np.full(len(texts), np.nan, dtype=np.float32)
+    present = [i for i, text in enumerate(texts) if text]
+    if present:
+        text_vecs = clip.embed_texts([texts[i] for i in present])
+        scores[present] = alignment_scores(vectors["clip"][present], text_vecs)
+    return scores
 
 
 # -- into the catalog -------------------------------------------------------------------------
@@ -333,7 +353,10 @@ def store_generated(engine: Engine, request: GenerationRequest, made: Sequence[M
     if not news:
         return []
     vectors = {space: np.stack([r.vectors[space] for r in rows]) for space in catalog.spaces}
-    catalog.add(news, vectors)
+    keys = catalog.add(news, vectors)
+    if "clip" in catalog.spaces:  # so that a min_alignment filter does not hide them
+        scores = [np.nan if r.alignment is None else r.alignment for r in rows]
+        catalog.set_alignment(keys.tolist(), scores)
     return [n.record.id for n in news]
 
 

@@ -8,7 +8,9 @@ tags, then those of the images the person dwelt on, weighted by dwell.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -336,10 +338,18 @@ def _tag_similarity(
         return None
     out = np.full(n, np.nan)
     for i, cand in enumerate(terms):
-        own = {normalise_term(t) for t in cand} - {""}
+        own = _normalised(tuple(cand))
         if own:
-            out[i] = sum(weights.get(t, 0.0) for t in own) / (np.sqrt(len(own)) * norm)
+            out[i] = sum(map(weights.get, own, itertools.repeat(0.0))) / (
+                math.sqrt(len(own)) * norm
+            )
     return out
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _normalised(terms: tuple[str, ...]) -> frozenset[str]:
+    """A candidate's distinct normalised terms (cached: successive pages share candidates)."""
+    return frozenset(normalise_term(t) for t in terms) - {""}
 
 
 def _has_muted(

@@ -45,6 +45,7 @@ def as_rows(items: NDArray[np.floating], dim: int | None = None) -> NDArray[np.f
         raise ValueError(f"expected (m, d) item vectors, got shape {x.shape}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"expected item vectors of width {dim}, got {x.shape[1]}")
-    x = np.where(np.isfinite(x), x, 0.0)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if not np.isfinite(x).all():  # rare: skip the copy on the hot path
+        x = np.where(np.isfinite(x), x, 0.0)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 1e-12)

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -429,3 +430,32 @@ def test_the_diffusers_backend_travels_to_the_worker_process_as_its_config() -> 
     backend = DiffusersBackend(DiffusersConfig(model="some/dir", steps=2))
     copy = pickle.loads(pickle.dumps(backend))
     assert isinstance(copy, DiffusersBackend) and copy.config == backend.config
+
+
+def test_generated_items_get_the_alignment_score_the_indexer_would_store() -> None:
+    from indexer.encoders.base import Encoder, EncoderSpec, Vectors, l2_normalise
+    from recommender.generate import render_and_encode
+
+    class FakeClip(Encoder):
+        """Images and texts into one 8-d space: enough to check the plumbing."""
+
+        def __init__(self) -> None:
+            super().__init__(EncoderSpec("fake-clip", "fake", "clip", "fake", 8, "v1"))
+
+        def _load(self) -> None:
+            pass
+
+        def embed_batch(self, items: Any) -> Vectors:
+            return l2_normalise(np.ones((len(items), 8), dtype=np.float32))
+
+        def embed_texts(self, texts: Any) -> Vectors:
+            rows = np.zeros((len(texts), 8), dtype=np.float32)
+            rows[:, 0] = 1.0
+            return l2_normalise(rows)
+
+    request = request_for(("red", "circle"), count=2)
+    made = render_and_encode(SampleBackend(), {"clip": FakeClip()}, request)
+    expected = 100.0 / np.sqrt(8)  # cosine of the all-ones image and the e0 text, × 100
+    assert [m.alignment for m in made] == pytest.approx([expected, expected], rel=1e-5)
+    without = render_and_encode(SampleBackend(), {"visual": fake_encoders()["visual"]}, request)
+    assert all(m.alignment is None for m in without)

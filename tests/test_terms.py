@@ -1,0 +1,46 @@
+"""The ``terms`` space: hashed tags and prompt terms, steered like any embedding space."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from recommender.feedback import BayesSteerer
+from recommender.terms import TERM_DIM, term_features, term_matrix, term_vector
+
+
+def test_features_are_normalised_tags_prompt_terms_and_their_words() -> None:
+    features = term_features(["Blue_Background", "red"], "masterpiece, (striped orbs:1.2)")
+    assert {"blue background", "blue", "background", "red", "striped orbs", "orbs"} <= features
+    assert "masterpiece" not in features  # quality boilerplate is no taste
+
+
+def test_rows_are_unit_or_zero_and_shared_features_make_items_close() -> None:
+    rows = term_matrix(
+        [
+            (("red", "circle"), "a red circle"),
+            (("red", "square"), None),
+            (("green", "square"), None),
+            ((), None),
+        ]
+    )
+    assert rows.shape == (4, TERM_DIM)
+    assert np.allclose(np.linalg.norm(rows[:3], axis=1), 1.0)
+    assert not rows[3].any()
+    assert rows[0] @ rows[1] > rows[0] @ rows[2]  # "red" is shared
+    assert rows[1] @ rows[2] > 0  # "square" is shared
+    assert np.array_equal(term_vector(("red", "square"), None), rows[1])
+
+
+def test_a_linear_preference_over_terms_learns_a_liked_tag_from_a_page_of_dwell() -> None:
+    rng = np.random.default_rng(0)
+    colours, shapes = ["red", "green", "blue", "pink"], ["circle", "square", "star", "ring"]
+    items = [(c, s) for c in colours for s in shapes]
+    x = term_matrix([((c, s), None) for c, s in items])
+    liked = np.array([1.0 if c == "blue" else -0.5 for c, _ in items])
+    steerer = BayesSteerer()
+    state = steerer.init_state(term_vector(("red", "circle"), None))
+    order = rng.permutation(len(items))
+    query = steerer.update(state, x[order], liked[order] + 0.2 * rng.standard_normal(len(items)))
+    scores = x @ query
+    best = [items[i] for i in np.argsort(-scores)[:4]]
+    assert all(colour == "blue" for colour, _ in best)
