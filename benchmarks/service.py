@@ -346,11 +346,14 @@ async def open_loop(
         nonlocal errors
         path = await idle.get()
         conn = pool.pop() if pool else await Connection.open(port)
-        try:
-            status, _ = await conn.request("GET", path)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            status = 0
-            conn = await Connection.open(port)
+        status = 0
+        for _attempt in range(2):  # the server closes keep-alive connections idle for 5 s
+            try:
+                status, _ = await conn.request("GET", path)
+                break
+            except (ConnectionError, asyncio.IncompleteReadError):
+                conn.close()
+                conn = await Connection.open(port)
         latencies.append(time.perf_counter() - scheduled)
         errors += status != 200
         pool.append(conn)

@@ -242,7 +242,7 @@ class Catalog:
         self._read_lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._item_cache: OrderedDict[int, CatalogItem] = OrderedDict()
-        self._item_cache_generation = -1
+        self._cache_version = 0
         self._alignment: tuple[int, NDArray[np.float32]] | None = None
         self._alignment_writes = 0  # changes to alignment rows: the cached array's version
 
@@ -413,6 +413,7 @@ class Catalog:
             self._dirty.add(space)
         for item, key in zip(items, keys, strict=True):
             self.columns.set(int(key), item.record.nsfw_level, item.record.base_model)
+        self._forget(keys.tolist())  # a replaced id keeps its key
         return keys
 
     def update_metadata(self, item_id: str, record: DumpRecord) -> bool:
@@ -434,6 +435,7 @@ class Catalog:
             self._alignment_writes += 1
             self._bump_generation()
         self.columns.set(int(row[0]), record.nsfw_level, record.base_model)
+        self._forget([int(row[0])])
         return True
 
     def add_duplicate(self, item_id: str, of_key: int, file: str, size: int, mtime_ns: int) -> None:
@@ -479,6 +481,7 @@ class Catalog:
                 self._dirty.add(space)
         for key in removed_keys:
             self.columns.clear(key)
+        self._forget(removed_keys)
         if deleted:
             self.checkpoint()
         return deleted
@@ -627,30 +630,40 @@ class Catalog:
         if len(keys) == 0:
             return []
         wanted = [int(k) for k in keys]
+        # Successive pages of a scroll re-read most of their candidates, so rows are cached;
+        # the writes that change a row (replace, update_metadata, delete) drop it from here.
+        cache = self._item_cache
         with self._cache_lock:
-            # Successive pages of a scroll re-read most of their candidates: rows are cached
-            # until the next write (every write that changes items bumps the generation).
-            cache = self._item_cache
-            generation = self.generation()
-            if generation != self._item_cache_generation:
-                cache.clear()
-                self._item_cache_generation = generation
+            version = self._cache_version
             missing = [k for k in wanted if k not in cache]
-            for start in range(0, len(missing), 500):
-                chunk = missing[start : start + 500]
-                rows = self._read(
-                    f"SELECT {_ITEM_COLUMNS} FROM items WHERE key IN "
-                    f"({','.join('?' * len(chunk))})",
-                    chunk,
-                )
-                for row in rows:
-                    cache[row[0]] = _item_from_row(row)
-            found = [cache[k] for k in wanted if k in cache]
-            for item in found:
-                cache.move_to_end(item.key)
+        fetched: dict[int, CatalogItem] = {}
+        for start in range(0, len(missing), 500):  # outside the cache lock: readers overlap
+            chunk = missing[start : start + 500]
+            rows = self._read(
+                f"SELECT {_ITEM_COLUMNS} FROM items WHERE key IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            fetched.update((row[0], _item_from_row(row)) for row in rows)
+        with self._cache_lock:
+            if version == self._cache_version:  # no write dropped rows meanwhile
+                cache.update(fetched)
+            found = []
+            for k in wanted:
+                item = cache.get(k) or fetched.get(k)
+                if item is not None:
+                    found.append(item)
+                    if k in cache:
+                        cache.move_to_end(k)
             while len(cache) > ITEM_CACHE_SIZE:
                 cache.popitem(last=False)
         return found
+
+    def _forget(self, keys: Iterable[int]) -> None:
+        """Drop cached rows that a write changed or removed."""
+        with self._cache_lock:
+            self._cache_version += 1
+            for key in keys:
+                self._item_cache.pop(int(key), None)
 
     def item(self, item_id: str) -> CatalogItem | None:
         key = self.key_for_id(item_id)

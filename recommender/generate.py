@@ -466,6 +466,21 @@ class _ProcessWorker:
             self._conn = None
 
 
+def _lower_priority(nice: int) -> None:
+    """Make this process (and the threads it starts later) yield the CPU to the service.
+
+    On Linux, SCHED_IDLE runs it only on otherwise idle cores: generation slows down under
+    load instead of slowing the feed. Elsewhere, or if refused, plain ``nice``.
+    """
+    idle = getattr(os, "SCHED_IDLE", None)
+    if idle is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, idle, os.sched_param(0))
+            return
+    with contextlib.suppress(OSError):
+        os.nice(nice)
+
+
 def _child_main(
     conn: Connection,
     backend: ImageBackend,
@@ -477,9 +492,13 @@ def _child_main(
     """The generation process: load, then answer requests until told to stop (None)."""
     from indexer.build import create_encoders, recorded_specs
 
-    with contextlib.suppress(OSError):
-        os.nice(nice)
+    _lower_priority(nice)
     try:
+        import torch
+
+        # One CPU thread: generation must leave the service's cores alone (GPU work is
+        # unaffected by this).
+        torch.set_num_threads(1)
         backend.load()
         encoders = create_encoders(recorded_specs(Path(catalog_path)) or {}, device, dtype)
         for encoder in encoders.values():
