@@ -46,7 +46,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.service import Connection, LoadResult, free_port, open_loop  # noqa: E402
+from benchmarks.service import (  # noqa: E402
+    Connection,
+    LoadResult,
+    free_port,
+    open_loop,
+    wait_ready,
+)
 from indexer.build import open_for_indexing  # noqa: E402
 from indexer.pipeline import PipelineConfig, index_dump  # noqa: E402
 from indexer.sample_dump import write_sample_dump  # noqa: E402
@@ -82,20 +88,7 @@ def start_server(catalog: Path, port: int, generator: str) -> subprocess.Popen[b
         "HF_HUB_OFFLINE": "1",
     }
     command = [sys.executable, __file__, "--serve", "--port", str(port)]
-    server = subprocess.Popen(command, cwd=REPO, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
-                if answer.status == 200:
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.3)
-    server.kill()
-    raise RuntimeError("the server did not become ready")
+    return wait_ready(subprocess.Popen(command, cwd=REPO, env=env), port, timeout=120)
 
 
 def serve(port: int) -> None:

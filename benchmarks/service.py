@@ -393,18 +393,25 @@ def _load_result(latencies: list[float], errors: int, seconds: float) -> LoadRes
 
 def start_server(path: Path, port: int) -> subprocess.Popen[bytes]:
     command = [sys.executable, __file__, "--serve", str(path), "--port", str(port)]
-    server = subprocess.Popen(command, cwd=REPO)
-    deadline = time.monotonic() + 300
+    return wait_ready(subprocess.Popen(command, cwd=REPO), port)
+
+
+def wait_ready(
+    server: subprocess.Popen[bytes], port: int, timeout: float = 300, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """``server`` once its ``/readyz`` answers 200; killed and an error if it never does."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode}")
+            tail = log.read_text()[-2000:] if log is not None else ""
+            raise RuntimeError(f"the server exited with {server.returncode} {tail}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
                 if answer.status == 200:
                     return server
         except OSError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.3)
     server.kill()
     raise RuntimeError("the server did not become ready")
 

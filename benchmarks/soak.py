@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 if sys.path[:1] != [str(REPO)]:
     sys.path.insert(0, str(REPO))  # before benchmarks/, whose service.py would shadow service/
 
-from benchmarks.service import Connection, free_port  # noqa: E402
+from benchmarks.service import Connection, free_port, wait_ready  # noqa: E402
 
 log = logging.getLogger("benchmarks.soak")
 
@@ -90,19 +90,7 @@ def start_server(catalog: Path, port: int, log_path: Path) -> subprocess.Popen[b
     env = dict(os.environ, LOOKALIKE_RATE_LIMIT_PER_S="0", HF_HUB_OFFLINE="1")
     with open(log_path, "ab") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited: {log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
-                if answer.status == 200:
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("the server did not become ready")
+    return wait_ready(server, port, log=log_path)
 
 
 def resident_mb(pid: int) -> float:

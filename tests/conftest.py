@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,14 @@ def pixels_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pixels_catalog")
     write_sample_dump(root / "dump", 40, 21)
     return build_pixels_catalog(root / "dump", root / "catalog")
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The CLI configures logging for the process: put it back for the tests that follow."""
+    root, service = logging.getLogger(), logging.getLogger("service")
+    handlers, levels = root.handlers[:], (root.level, service.level)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(levels[0])
+    service.setLevel(levels[1])

@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import csv
 import json
-import logging
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +30,7 @@ from recommender.engine import Engine
 from recommender.retrieve import Filters, retrieve
 from service.app import create_app
 from service.settings import Settings
+from tests.cli_helpers import run_cli
 from tests.fakes import fake_encoders, specs
 
 
@@ -256,24 +255,6 @@ def test_without_clip_every_entry_point_says_it_needs_clip(offline_cat: Catalog)
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    from service import cli
-
-    monkeypatch.setattr(sys, "argv", ["lookalike", *args])
-    with pytest.raises(SystemExit) as exited:
-        cli.main()
-    return int(exited.value.code or 0)
 
 
 def write_pairs(clip_cat: ClipCatalog, folder: Path) -> tuple[Path, list[CatalogItem]]:

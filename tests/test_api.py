@@ -630,17 +630,6 @@ def test_cors_only_for_configured_origins(tiny: TinyCatalog, client: TestClient)
 # --------------------------------------------------------------------------- CLI
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The CLI configures logging for the process: put it back for the tests that follow."""
-    root, service = logging.getLogger(), logging.getLogger("service")
-    handlers, levels = root.handlers[:], (root.level, service.level)
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(levels[0])
-    service.setLevel(levels[1])
-
-
 @pytest.mark.usefixtures("restore_logging")
 def test_serve_reports_a_missing_catalog(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -5,9 +5,7 @@ warm-started sessions, borrowing for users with few events, ``GET /v1/users/{id}
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -42,6 +40,7 @@ from recommender.taste import (
 from recommender.types import unit
 from service.app import create_app
 from service.settings import Settings
+from tests.cli_helpers import run_cli
 from tests.fakes import HashTextEncoder
 
 RANK = 16
@@ -369,24 +368,6 @@ def pixels_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with Catalog.create_or_open(root / "catalog", {"visual": encoder.spec}) as catalog:
         index_dump(root / "dump", catalog, {"visual": encoder}, PipelineConfig(progress=False))
     return root / "catalog"
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    from service import cli
-
-    monkeypatch.setattr(sys, "argv", ["lookalike", *args])
-    with pytest.raises(SystemExit) as exited:
-        cli.main()
-    return int(exited.value.code or 0)
 
 
 @pytest.mark.usefixtures("restore_logging")
