@@ -700,7 +700,10 @@ class GenerationQueue:
             worker.start()
         except Exception as exc:  # noqa: BLE001 - a backend that cannot load must not kill us
             self._broken = f"{type(exc).__name__}: {exc}"
-            log.error("generation backend %s failed to load: %s", self.backend.name, exc)
+            if self._closed:  # the service stopped while the worker was still loading
+                log.info("generation worker stopped while loading")
+            else:
+                log.error("generation backend %s failed to load: %s", self.backend.name, exc)
         self._started.set()
         while True:
             job = self._jobs.get()
