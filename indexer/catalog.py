@@ -456,16 +456,22 @@ class Catalog:
             )
 
     def delete(self, ids: Iterable[str]) -> list[str]:
-        """Delete items (and duplicate aliases) by id. Returns the ids that existed."""
+        """Delete items (and duplicate aliases) by id. Returns the ids that existed.
+
+        Image files the catalog owns (generated ones, under its directory) go too; a dump's
+        files are the user's and stay."""
         deleted: list[str] = []
         removed_keys: list[int] = []
+        owned_files: list[Path] = []
         with self._lock, translate_disk_full("deleting items"), self._conn:
             for item_id in ids:
                 row = self._conn.execute(
-                    "SELECT key FROM items WHERE id = ?", (item_id,)
+                    "SELECT key, file FROM items WHERE id = ?", (item_id,)
                 ).fetchone()
                 if row is not None:
                     key = int(row[0])
+                    if not Path(row[1]).is_absolute():  # a file the catalog owns (generated)
+                        owned_files.append(self.path / row[1])
                     for table in ("items", "item_tags", "vectors", "alignment"):
                         self._conn.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
                     self._conn.execute("DELETE FROM duplicates WHERE of_key = ?", (key,))
@@ -484,6 +490,8 @@ class Catalog:
         self._forget(removed_keys)
         if deleted:
             self.checkpoint()
+        for file in owned_files:  # after the commit: a crash before this leaves only a file
+            file.unlink(missing_ok=True)
         return deleted
 
     def checkpoint(self) -> None:

@@ -160,6 +160,12 @@ def test_a_dry_scroll_generates_images_that_lead_the_next_page_and_survive_a_res
         assert item.prompt and (item.width, item.height) == (FAST.width, FAST.height)
     assert queue.stats()["generated_images"] == FAST.images_per_job
 
+    # Deleting a generated item removes its file, which the catalog owns.
+    doomed = catalog.item(new_items[-1].id)
+    assert doomed is not None and catalog.delete([doomed.id]) == [doomed.id]
+    assert not (catalog.path / doomed.file).exists()
+    new_items = new_items[:-1]
+
     # Ordinary items now: another session reaches them through search.
     other = engine.search(ItemQuery(new_items[0].id), limit=40)
     assert any(item.generated for item in other.items)
