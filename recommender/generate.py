@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -565,6 +566,7 @@ class GenerationQueue:
         self._worker: _ThreadWorker | _ProcessWorker | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
+        self._last_full_warning = -math.inf
         self._broken: str | None = None
         self._closed = False
         self._last_checkpoint = clock()
@@ -586,9 +588,8 @@ class GenerationQueue:
             request = build_request(session, engine, self.config, seed)
             try:
                 self._jobs.put_nowait(_Job(session, request, now))
-            except queue.Full:
+            except queue.Full:  # jobs are added under this lock: only close() can race here
                 self._stats.refused += 1
-                log.warning("generation queue full (%d jobs); request refused", self._jobs.qsize())
                 return False
             self._pending.add(session.id)
             self._remember(self._last_start, session.id, now)
@@ -672,6 +673,11 @@ class GenerationQueue:
             return f"backend unavailable: {self._broken}"
         if session_id in self._pending:
             return "a job is pending"
+        if self._jobs.full():
+            if now - self._last_full_warning > 60:  # once a minute, not once a page
+                log.warning("generation queue full (%d jobs); requests refused", cfg.max_queued)
+                self._last_full_warning = now
+            return "queue full"
         last = self._last_start.get(session_id)
         if last is not None and now - last < cfg.session_interval_s:
             return "rate limited"
