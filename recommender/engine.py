@@ -542,9 +542,9 @@ class Engine:
             dtype=np.float32,
         )
         known_keys = [k for _, k in known]
+        by_key = {item.key: item for item in self.catalog.items(known_keys)}
         for space, state in session.steering.items():
             if space == TERM_SPACE:
-                by_key = {item.key: item for item in self.catalog.items(known_keys)}
                 pairs = [
                     (by_key[k].tags, by_key[k].prompt) if k in by_key else ((), None)
                     for k in known_keys
@@ -553,13 +553,16 @@ class Engine:
             else:
                 vectors = self.catalog.vectors(space, known_keys)
             session.query[space] = self.steerer.update(state, vectors, known_scores)
-        self._learn_vocabulary(session, known_keys, known_scores)
+        self._learn_vocabulary(session, known_keys, known_scores, by_key)
 
     def _learn_vocabulary(
-        self, session: Session, keys: Sequence[int], scores: NDArray[np.float32]
+        self,
+        session: Session,
+        keys: Sequence[int],
+        scores: NDArray[np.float32],
+        items: Mapping[int, CatalogItem],
     ) -> None:
         session.vocabulary.decay()
-        items = {item.key: item for item in self.catalog.items(keys)}
         text_vecs = self.catalog.vectors("text", keys) if "text" in self.spaces else None
         for i, key in enumerate(keys):
             item, weight = items.get(key), float(scores[i])

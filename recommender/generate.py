@@ -533,7 +533,6 @@ class GenerationStats:
     failed: int = 0
     images: int = 0
     last_error: str | None = None
-    last_seconds: float = 0.0
 
 
 class GenerationQueue:
@@ -743,9 +742,9 @@ class GenerationQueue:
             elapsed,
             self.backend.name,
         )
-        self._finish(job, ids, None, elapsed)
+        self._finish(job, ids, None)
 
-    def _finish(self, job: _Job, ids: list[str], error: str | None, elapsed: float = 0.0) -> None:
+    def _finish(self, job: _Job, ids: list[str], error: str | None) -> None:
         session = job.session
         with session.lock:
             session.generated_inbox.extend(ids)
@@ -757,7 +756,6 @@ class GenerationQueue:
             if error is None:
                 self._stats.completed += 1
                 self._stats.images += len(ids)
-                self._stats.last_seconds = elapsed
             else:
                 self._stats.failed += 1
                 self._stats.last_error = error

@@ -23,30 +23,33 @@ TERM_SPACE = "terms"
 TERM_DIM = 1024  # hashed: collisions among a catalog's few thousand terms are rare and harmless
 
 
-def term_features(tags: Iterable[str], prompt: str | None) -> frozenset[str]:
-    """The features of an item: its normalised tags and prompt terms, and their words."""
+def _item_terms(tags: Iterable[str], prompt: str | None) -> set[str]:
     terms = {normalise_term(t) for t in tags} | set(prompt_terms(prompt))
     terms.discard("")
-    return frozenset(terms | {word for term in terms for word in term.split()})
+    return terms
+
+
+def _term_features(term: str) -> frozenset[str]:
+    return frozenset({term, *term.split()})
+
+
+def term_features(tags: Iterable[str], prompt: str | None) -> frozenset[str]:
+    """The features of an item: its normalised tags and prompt terms, and their words."""
+    return frozenset(f for term in _item_terms(tags, prompt) for f in _term_features(term))
 
 
 @functools.lru_cache(maxsize=1 << 17)
 def _term_slots(term: str) -> tuple[int, ...]:
-    """Hashed slots of one normalised term and of its words (cached: a catalog's vocabulary
-    is small next to its item count, so new items mostly reuse known terms)."""
-    features = {term, *term.split()} if term else set()
-    return tuple(zlib.crc32(f.encode()) % TERM_DIM for f in features)
+    """Hashed slots of one term's features (cached: a catalog's vocabulary is small next to
+    its item count, so new items mostly reuse known terms)."""
+    return tuple(zlib.crc32(f.encode()) % TERM_DIM for f in _term_features(term))
 
 
 @functools.lru_cache(maxsize=1 << 15)
 def _slots(tags: tuple[str, ...], prompt: str | None) -> list[int]:
-    """An item's distinct slots (cached too: successive pages share most candidates)."""
-    slots: set[int] = set()
-    for tag in tags:
-        slots.update(_term_slots(normalise_term(tag)))
-    for term in prompt_terms(prompt):
-        slots.update(_term_slots(term))
-    return sorted(slots)
+    """An item's distinct slots: ``term_features`` hashed (cached too: successive pages
+    share most candidates)."""
+    return sorted({slot for term in _item_terms(tags, prompt) for slot in _term_slots(term)})
 
 
 def term_vector(tags: Iterable[str], prompt: str | None) -> Vector:
