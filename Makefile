@@ -19,6 +19,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# Only for the compatibility test with clip-retrieval's ClipClient (its deps are heavy).
 	$(BIN)/pip install -q --no-deps clip-retrieval==2.45.0
+	# Milvus in process for the Milvus store's tests; --no-deps because it asks for faiss-cpu,
+	# whose files would overwrite faiss-gpu's (the same `faiss` module) in this environment.
+	$(BIN)/pip install -q --no-deps milvus-lite==3.2.2
 	touch $@
 
 install: $(VENV)/.installed

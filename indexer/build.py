@@ -9,6 +9,8 @@ from typing import Any
 
 from indexer.catalog import MANIFEST, Catalog
 from indexer.encoders import Encoder, EncoderSpec, create_encoder, profile_specs, resolve_spec
+from indexer.vector_index import IndexPolicy
+from indexer.vector_store import StoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,12 @@ def open_for_indexing(
     overrides: Mapping[str, str],
     device: str | None,
     dtype: str,
+    store: StoreConfig | None = None,
+    policy: IndexPolicy | None = None,
 ) -> tuple[Catalog, dict[str, Encoder]]:
-    """Open (or create) the catalog and the encoders that fill it, checking they match."""
+    """Open (or create) the catalog and the encoders that fill it, checking they match.
+
+    ``store`` is the vector store of a new catalog (an existing one keeps its own)."""
     specs = choose_specs(catalog_path, profile, overrides)
     encoders = create_encoders(specs, device, dtype)
     if recorded_specs(catalog_path) is None:
@@ -75,4 +81,4 @@ def open_for_indexing(
         for encoder in encoders.values():
             encoder.load()
         specs = {space: encoder.spec for space, encoder in encoders.items()}
-    return Catalog.create_or_open(catalog_path, specs), encoders
+    return Catalog.create_or_open(catalog_path, specs, policy, store), encoders

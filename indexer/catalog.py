@@ -27,9 +27,11 @@ from numpy.typing import NDArray
 
 from indexer.encoders.base import EncoderSpec
 from indexer.errors import CatalogError, DiskFullError, EncoderMismatchError
+from indexer.filters import Filters, ItemAttributes
 from indexer.records import NSFW_LEVELS, DumpRecord
 from indexer.storage import atomic_write_bytes, translate_disk_full
-from indexer.vector_index import IndexPolicy, Keys, VectorIndex
+from indexer.vector_index import IndexPolicy, Keys
+from indexer.vector_store import StoreConfig, VectorStore, new_store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,16 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         # 100 x CLIP cosine of an item's prompt and image; NULL: the item has no prompt to score.
         # A row is deleted when the item's image or prompt changes, so absent means "to score".
         "CREATE TABLE alignment (key INTEGER PRIMARY KEY, score REAL);",
+    ),
+    (
+        "dump positions",
+        # Where each id stands in its dump's order (iter_dump): `lookalike merge` keeps, of the
+        # same bytes indexed by two shards, the copy a single run would have met first.
+        """
+        CREATE TABLE dump_positions (id TEXT PRIMARY KEY, position INTEGER NOT NULL)
+            WITHOUT ROWID;
+        CREATE INDEX duplicates_of_key ON duplicates(of_key);
+        """,
     ),
 )
 
@@ -228,15 +240,21 @@ class Catalog:
     that a feed page never waits for a write's commit (WAL readers see the last commit)."""
 
     def __init__(
-        self, path: Path, conn: sqlite3.Connection, manifest: dict[str, Any], policy: IndexPolicy
+        self,
+        path: Path,
+        conn: sqlite3.Connection,
+        manifest: dict[str, Any],
+        policy: IndexPolicy,
+        store: StoreConfig,
     ) -> None:
         self.path = path
         self._conn = conn
         self._lock = threading.RLock()
         self.manifest = manifest
         self.policy = policy
+        self.store = store
         self.columns = Columns()
-        self.indexes: dict[str, VectorIndex] = {}
+        self.indexes: dict[str, VectorStore] = {}
         self._dirty: set[str] = set()
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
@@ -253,26 +271,32 @@ class Catalog:
         path: Path,
         encoders: Mapping[str, EncoderSpec],
         policy: IndexPolicy | None = None,
+        store: StoreConfig | None = None,
     ) -> Catalog:
-        """Open the catalog at ``path`` (checking its encoders) or create an empty one."""
+        """Open the catalog at ``path`` (checking its encoders) or create an empty one.
+
+        ``store`` chooses a new catalog's vector store (FAISS by default); for an existing one
+        it may only change where its Milvus server is (see :meth:`open`)."""
         if (path / MANIFEST).exists():
-            return cls.open(path, expected=encoders, policy=policy)
+            return cls.open(path, expected=encoders, policy=policy, store=store)
         path.mkdir(parents=True, exist_ok=True)
         if (path / DATABASE).exists():
             # A crash before the first manifest write: the database is the truth, start it over.
             log.warning("%s has a database but no manifest; starting it afresh", path)
             for leftover in (DATABASE, DATABASE + "-wal", DATABASE + "-shm"):
                 (path / leftover).unlink(missing_ok=True)
+        store = (store or StoreConfig()).for_new_catalog()
         manifest = {
             "format_version": FORMAT_VERSION,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "encoders": {space: encoder_entry(spec) for space, spec in encoders.items()},
+            "vector_store": store.to_manifest(),
             "spaces": {},
             "items": 0,
         }
-        catalog = cls(path, _connect(path / DATABASE), manifest, policy or IndexPolicy())
+        catalog = cls(path, _connect(path / DATABASE), manifest, policy or IndexPolicy(), store)
         for space, spec in encoders.items():
-            catalog.indexes[space] = VectorIndex(spec.dim, catalog.policy)
+            catalog.indexes[space] = new_store(store, path, space, spec.dim, catalog.policy)
         catalog._dirty = set(encoders)
         catalog.checkpoint()
         return catalog
@@ -283,12 +307,24 @@ class Catalog:
         path: Path,
         expected: Mapping[str, EncoderSpec] | None = None,
         policy: IndexPolicy | None = None,
+        store: StoreConfig | None = None,
     ) -> Catalog:
-        """Open an existing catalog; refuse it if ``expected`` encoders differ from its own."""
+        """Open an existing catalog; refuse it if ``expected`` encoders differ from its own.
+
+        The manifest says which vector store the catalog uses; ``store`` may point a Milvus
+        catalog at another server address or give its token, never change the kind."""
         manifest = cls.read_manifest(path)
         if expected is not None:
             _check_encoders(path, manifest["encoders"], expected)
-        catalog = cls(path, _connect(path / DATABASE), manifest, policy or IndexPolicy())
+        own = StoreConfig.from_manifest(manifest.get("vector_store"))
+        if store is not None and store.kind != own.kind:
+            raise CatalogError(
+                f"{path} keeps its vectors in {own.kind}, not {store.kind}; a catalog's vector "
+                "store is chosen when it is created (index into a new catalog to change it)."
+            )
+        if store is not None:
+            own = own.with_connection(store.uri, store.token)
+        catalog = cls(path, _connect(path / DATABASE), manifest, policy or IndexPolicy(), own)
         catalog._load_columns()
         catalog._load_indexes()
         return catalog
@@ -319,6 +355,8 @@ class Catalog:
                 self._reader.close()
                 self._reader = None
             self._conn.close()
+            for index in self.indexes.values():
+                index.close()
 
     def __enter__(self) -> Catalog:
         return self
@@ -408,8 +446,9 @@ class Catalog:
                     ((space, int(k), block[i].tobytes()) for i, k in enumerate(keys)),
                 )
             self._bump_generation()
+        attributes = self._new_attributes(items) if self._stores_filter() else None
         for space in self.spaces:
-            self.indexes[space].add(keys, vectors[space])
+            self.indexes[space].add(keys, vectors[space], attributes)
             self._dirty.add(space)
         for item, key in zip(items, keys, strict=True):
             self.columns.set(int(key), item.record.nsfw_level, item.record.base_model)
@@ -436,6 +475,7 @@ class Catalog:
             self._bump_generation()
         self.columns.set(int(row[0]), record.nsfw_level, record.base_model)
         self._forget([int(row[0])])
+        self._sync_attributes([int(row[0])])
         return True
 
     def add_duplicate(self, item_id: str, of_key: int, file: str, size: int, mtime_ns: int) -> None:
@@ -604,6 +644,7 @@ class Catalog:
                 ),
             )
             self._alignment_writes += 1
+        self._sync_attributes(keys)
 
     def alignment_scores(self) -> NDArray[np.float32]:
         """Every stored alignment score by item key: float32 (max key + 1,), NaN where none.
@@ -713,18 +754,252 @@ class Catalog:
         queries: NDArray[np.float32],
         k: int,
         *,
-        allowed: NDArray[np.bool_] | None = None,
+        filters: Filters | None = None,
         exclude: Collection[int] = (),
     ) -> tuple[NDArray[np.float32], Keys]:
-        """k-NN in ``space``; see :meth:`VectorIndex.search` for shapes and filters."""
-        return self._index(space).search(queries, k, allowed=allowed, exclude=exclude)
+        """k-NN in ``space`` among items ``filters`` allow, leaving out keys in ``exclude``.
+
+        ``queries`` float32 (q, dim); returns scores (q, k) and keys (q, k), key -1 where
+        fewer than k items qualify. Filters reach a FAISS store as a key mask, a Milvus one
+        as an expression."""
+        index = self._index(space)
+        if index.filters_itself:
+            return index.search(queries, k, filters=filters, exclude=exclude)
+        mask = self.allowed_mask(filters) if filters is not None else None
+        return index.search(queries, k, allowed=mask, exclude=exclude)
+
+    def allowed_mask(self, filters: Filters) -> NDArray[np.bool_] | None:
+        """Boolean mask over item keys of what ``filters`` allow; None when they allow all."""
+        if filters.empty:
+            return None
+        columns = self.columns
+        mask = columns.live.copy()
+        if filters.max_nsfw_level is not None:
+            mask &= columns.nsfw_level <= filters.max_nsfw_level
+        if filters.base_models:
+            codes = [
+                columns.base_model_codes[m]
+                for m in filters.base_models
+                if m in columns.base_model_codes
+            ]
+            mask &= np.isin(columns.base_model, np.array(codes, dtype=np.int32))
+        for tag in filters.tags_required:
+            has_tag = np.zeros_like(mask)
+            keys = self.keys_with_tags([tag])
+            has_tag[keys[keys < len(mask)]] = True
+            mask &= has_tag
+        if filters.tags_excluded:
+            keys = self.keys_with_tags(filters.tags_excluded)
+            mask[keys[keys < len(mask)]] = False
+        if filters.min_alignment is not None:
+            scores = self.alignment_scores()[: len(mask)]
+            aligned = np.zeros_like(mask)
+            aligned[: len(scores)] = scores >= filters.min_alignment  # NaN (no score): False
+            mask &= aligned
+        return mask
 
     def vectors(self, space: str, keys: Sequence[int] | Keys) -> NDArray[np.float32]:
         """Stored vectors of ``keys`` in ``space``: float32 (n, dim), L2-normalised."""
         return self._index(space).vectors(np.asarray(keys, dtype=np.int64))
 
+    # -- merging partial catalogs (`lookalike merge`) -------------------------------------
+    # Entries: (id, content hash, dump position or None, id of the item an alias stands for
+    # (None for an item), source).
+    @classmethod
+    def open_rows(cls, path: Path) -> Catalog:
+        """Open an existing catalog to read its rows only: no vector index is loaded, so a
+        merge can hold many parts open at once (``search`` and ``vectors`` are unavailable;
+        ``stored_vectors`` reads SQLite)."""
+        manifest = cls.read_manifest(path)
+        store = StoreConfig.from_manifest(manifest.get("vector_store"))
+        return cls(path, _connect(path / DATABASE), manifest, IndexPolicy(), store)
+
+    def record_dump_positions(self, positions: Sequence[tuple[str, int]]) -> None:
+        """Remember (id, position) pairs: where ids stand in the dump's order (``iter_dump``)."""
+        if not positions:
+            return
+        with self._lock, translate_disk_full("recording dump positions"), self._conn:
+            self._conn.executemany("INSERT OR REPLACE INTO dump_positions VALUES (?, ?)", positions)
+
+    def dump_positions(self, ids: Sequence[str]) -> dict[str, int]:
+        """The recorded dump positions of ``ids`` (ids without one are left out)."""
+        found: dict[str, int] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            with self._lock:
+                found.update(
+                    self._conn.execute(
+                        "SELECT id, position FROM dump_positions "
+                        f"WHERE id IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    )
+                )
+        return found
+
+    def iter_entries_by_id(
+        self, *, aliases: bool, batch: int = 1000
+    ) -> Iterable[tuple[str, str, int | None, str | None, str]]:
+        """Every item (or, with ``aliases``, every duplicate alias) as an entry, by id."""
+        if aliases:
+            sql = (
+                "SELECT d.id, i.content_hash, p.position, i.id, i.source FROM duplicates d "
+                "JOIN items i ON i.key = d.of_key LEFT JOIN dump_positions p ON p.id = d.id "
+                "WHERE d.id > ? ORDER BY d.id LIMIT ?"
+            )
+        else:
+            sql = (
+                "SELECT i.id, i.content_hash, p.position, NULL, i.source FROM items i "
+                "LEFT JOIN dump_positions p ON p.id = i.id WHERE i.id > ? ORDER BY i.id LIMIT ?"
+            )
+        return self._keyset(sql, ("",), batch)  # ids are never empty
+
+    def iter_entries_by_hash(
+        self, batch: int = 1000
+    ) -> Iterable[tuple[str, str, int | None, str | None, str]]:
+        """Every item as an entry (see above), each followed by its aliases, by content hash."""
+        pages = self._keyset_pages(
+            "SELECT i.content_hash, i.key, i.id, p.position, i.source FROM items i "
+            "LEFT JOIN dump_positions p ON p.id = i.id "
+            "WHERE (i.content_hash, i.key) > (?, ?) ORDER BY i.content_hash, i.key LIMIT ?",
+            ("", -1),
+            batch,
+        )
+        for rows in pages:
+            keys = [row[1] for row in rows]
+            aliases: dict[int, list[tuple[str, int | None]]] = {}
+            with self._lock:
+                for alias, of_key, position in self._conn.execute(
+                    "SELECT d.id, d.of_key, p.position FROM duplicates d "
+                    "LEFT JOIN dump_positions p ON p.id = d.id "
+                    f"WHERE d.of_key IN ({','.join('?' * len(keys))}) ORDER BY d.id",
+                    keys,
+                ):
+                    aliases.setdefault(of_key, []).append((alias, position))
+            for content_hash, key, item_id, position, source in rows:
+                yield item_id, content_hash, position, None, source
+                for alias, alias_position in aliases.get(key, ()):
+                    yield alias, content_hash, alias_position, item_id, source
+
+    def iter_duplicates(self, batch: int = 1000) -> Iterable[tuple[str, str, str, int, int]]:
+        """Every duplicate alias as (id, id of its item, file, file size, file mtime ns), by id."""
+        return self._keyset(
+            "SELECT d.id, i.id, d.file, d.file_size, d.file_mtime_ns FROM duplicates d "
+            "JOIN items i ON i.key = d.of_key WHERE d.id > ? ORDER BY d.id LIMIT ?",
+            ("",),
+            batch,
+        )
+
+    def add_duplicates(self, rows: Sequence[tuple[str, int, str, int, int]]) -> None:
+        """:meth:`add_duplicate` for many (id, of_key, file, size, mtime_ns) in one transaction."""
+        with self._lock, translate_disk_full("recording duplicates"), self._conn:
+            self._conn.executemany("INSERT OR REPLACE INTO duplicates VALUES (?, ?, ?, ?, ?)", rows)
+            self._conn.executemany(
+                "DELETE FROM skipped WHERE file = ?", ((row[2],) for row in rows)
+            )
+
+    def item_files(self, keys: Sequence[int]) -> dict[int, tuple[str, int, int]]:
+        """(file, file size, file mtime ns) of the items ``keys``, by key."""
+        found: dict[int, tuple[str, int, int]] = {}
+        for start in range(0, len(keys), 500):
+            chunk = [int(k) for k in keys[start : start + 500]]
+            with self._lock:
+                rows = self._conn.execute(
+                    "SELECT key, file, file_size, file_mtime_ns FROM items "
+                    f"WHERE key IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            found.update((key, (file, size, mtime)) for key, file, size, mtime in rows)
+        return found
+
+    def skipped_files(self) -> list[tuple[str, str, str, int, int]]:
+        """Every remembered rejected file as (file, reason, detail, size, mtime_ns)."""
+        with self._lock:
+            return list(
+                self._conn.execute(
+                    "SELECT file, reason, COALESCE(detail, ''), file_size, file_mtime_ns "
+                    "FROM skipped ORDER BY file"
+                )
+            )
+
+    def stored_vectors(self, space: str, keys: Sequence[int]) -> NDArray[np.float32]:
+        """The vectors of ``keys`` in ``space`` as SQLite stores them: float32 (n, dim)."""
+        dim = int(self.manifest["encoders"][space]["dim"])
+        out = np.zeros((len(keys), dim), dtype=np.float32)
+        row_of = {int(k): i for i, k in enumerate(keys)}
+        for start in range(0, len(keys), 500):
+            chunk = [int(k) for k in keys[start : start + 500]]
+            with self._lock:
+                rows = self._conn.execute(
+                    "SELECT key, vec FROM vectors "
+                    f"WHERE space = ? AND key IN ({','.join('?' * len(chunk))})",
+                    (space, *chunk),
+                ).fetchall()
+            if len(rows) != len(set(chunk)):
+                raise CatalogError(f"{self.path} lacks {space} vectors of some items")
+            for key, blob in rows:
+                out[row_of[key]] = np.frombuffer(blob, dtype=np.float32)
+        return out
+
+    def alignment_rows(self, keys: Sequence[int]) -> dict[int, float | None]:
+        """Stored alignment rows of ``keys``: a score, or None for "no prompt to score"."""
+        found: dict[int, float | None] = {}
+        for start in range(0, len(keys), 500):
+            chunk = [int(k) for k in keys[start : start + 500]]
+            with self._lock:
+                found.update(
+                    self._conn.execute(
+                        "SELECT key, score FROM alignment "
+                        f"WHERE key IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    )
+                )
+        return found
+
+    def iter_feedback(
+        self, batch: int = 10_000
+    ) -> Iterable[tuple[str, str, str | None, str, float, float]]:
+        """Every stored feedback event as (event_id, session_id, user_id, image_id, dwell_ms,
+        received_at), in the order they were stored."""
+        for row in self._keyset(
+            "SELECT rowid, event_id, session_id, user_id, image_id, dwell_ms, received_at "
+            "FROM feedback WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (0,),
+            batch,
+        ):
+            yield row[1:]
+
+    def import_feedback(
+        self, events: Sequence[tuple[str, str, str | None, str, float, float]]
+    ) -> int:
+        """Store events read by :meth:`iter_feedback` as they were, ignoring known event ids.
+        Returns how many were new."""
+        with self._lock, translate_disk_full("storing feedback"), self._conn:
+            before = self._conn.total_changes
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO feedback VALUES (?, ?, ?, ?, ?, ?)", events
+            )
+            return self._conn.total_changes - before
+
+    def _keyset(self, sql: str, start: tuple[Any, ...], batch: int) -> Iterable[Any]:
+        """The rows of :meth:`_keyset_pages`, one by one."""
+        for rows in self._keyset_pages(sql, start, batch):
+            yield from rows
+
+    def _keyset_pages(self, sql: str, start: tuple[Any, ...], batch: int) -> Iterable[list[Any]]:
+        """Pages of a query that takes the previous page's last row's leading columns (as many
+        as ``start``, which begins the first page) and the batch size."""
+        last = start
+        while True:
+            with self._lock:
+                rows = self._conn.execute(sql, (*last, batch)).fetchall()
+            if rows:
+                yield rows
+            if len(rows) < batch:
+                return
+            last = tuple(rows[-1][: len(start)])
+
     # -- internals ------------------------------------------------------------------------
-    def _index(self, space: str) -> VectorIndex:
+    def _index(self, space: str) -> VectorStore:
         try:
             return self.indexes[space]
         except KeyError:
@@ -743,6 +1018,44 @@ class Catalog:
     def _scalar(self, sql: str) -> int:
         with self._lock:
             return int(self._conn.execute(sql).fetchone()[0])
+
+    def _stores_filter(self) -> bool:
+        """True when a store filters by itself and so must be told items' attributes."""
+        return any(index.filters_itself for index in self.indexes.values())
+
+    def _new_attributes(self, items: Sequence[NewItem]) -> list[ItemAttributes]:
+        """Attributes of items just added (a new or replaced item has no alignment yet)."""
+        return [
+            ItemAttributes(i.record.nsfw_level, i.record.base_model, tuple(i.record.tags))
+            for i in items
+        ]
+
+    def _attributes(self, keys: Sequence[int]) -> list[ItemAttributes]:
+        """Stored attributes of ``keys`` (all must be items), in the same order."""
+        found: dict[int, ItemAttributes] = {}
+        for start in range(0, len(keys), 500):
+            chunk = [int(k) for k in keys[start : start + 500]]
+            marks = ",".join("?" * len(chunk))
+            with self._lock:
+                rows = self._conn.execute(
+                    f"SELECT i.key, i.nsfw_level, i.base_model, i.tags, a.score FROM items i "
+                    f"LEFT JOIN alignment a ON a.key = i.key WHERE i.key IN ({marks})",
+                    chunk,
+                ).fetchall()
+            for key, level, base_model, tags, score in rows:
+                found[key] = ItemAttributes(level, base_model, tuple(json.loads(tags)), score)
+        return [found[int(k)] for k in keys]
+
+    def _sync_attributes(self, keys: Sequence[int]) -> None:
+        """Tell the stores that filter by themselves what changed about these items."""
+        if not self._stores_filter() or len(keys) == 0:
+            return
+        wanted = np.asarray(keys, dtype=np.int64)
+        attributes = self._attributes(wanted.tolist())
+        for space, index in self.indexes.items():
+            if index.filters_itself:
+                index.set_attributes(wanted, attributes)
+                self._dirty.add(space)
 
     def _bump_generation(self) -> None:
         self._conn.execute("UPDATE state SET value = value + 1 WHERE name = 'generation'")
@@ -802,21 +1115,27 @@ class Catalog:
         for space, entry in self.manifest["encoders"].items():
             info = self.manifest["spaces"].get(space, {})
             path = self.path / INDEX_DIR / f"{space}.faiss"
-            index: VectorIndex | None = None
-            if info.get("generation") == generation and path.exists():
-                try:
-                    index = VectorIndex.load(path, int(entry["dim"]), info, self.policy)
-                except (RuntimeError, ValueError, OSError) as exc:
-                    log.warning("FAISS index %s unreadable (%s); rebuilding from SQLite", path, exc)
-            if index is not None and len(index) != self._vector_count(space):
-                log.warning("FAISS index %s out of step with SQLite; rebuilding", path)
-                index = None
+            dim = int(entry["dim"])
+            # A FAISS snapshot of an older generation is not worth reading; rebuild instead.
+            snapshot = path if info.get("generation") == generation else None
+            index: VectorStore | None = None
+            try:
+                index = open_store(self.store, self.path, space, dim, self.policy, snapshot, info)
+            except (RuntimeError, ValueError, OSError) as exc:
+                log.warning(
+                    "the %s index is unreadable (%s); rebuilding it from SQLite", space, exc
+                )
+            stale = index is None or (
+                info.get("generation") != generation or len(index) != self._vector_count(space)
+            )
             if index is None:
-                self.indexes[space] = VectorIndex(int(entry["dim"]), self.policy)
+                index = new_store(self.store, self.path, space, dim, self.policy)
+            elif stale:
+                log.warning("the %s index is out of step with SQLite; rebuilding it", space)
+            self.indexes[space] = index
+            if stale:
                 self._rebuild_space(space)
                 self._dirty.add(space)
-            else:
-                self.indexes[space] = index
         if self._dirty:
             try:
                 self.checkpoint()
@@ -831,7 +1150,7 @@ class Catalog:
             return int(row.fetchone()[0])
 
     def _rebuild_space(self, space: str) -> None:
-        """Rebuild a space's FAISS index from the vectors stored in SQLite."""
+        """Rebuild a space's vector store from the vectors (and attributes) stored in SQLite."""
         index = self.indexes[space]
         with self._lock:
             rows = self._conn.execute(
@@ -842,7 +1161,8 @@ class Catalog:
         for i, (_, blob) in enumerate(rows):
             vectors[i] = np.frombuffer(blob, dtype=np.float32)
         log.info("building the %s index over %d vectors", space, len(keys))
-        index.rebuild(keys, vectors)
+        attributes = self._attributes(keys.tolist()) if index.filters_itself else None
+        index.rebuild(keys, vectors, attributes)
 
 
 # Where a file may be known from, first match wins: (kind, query -> id, hash, size, mtime).

@@ -42,3 +42,8 @@ class EncoderMismatchError(CatalogError):
 
 class DiskFullError(CatalogError):
     """A write ran out of space; the previous catalog state is intact."""
+
+
+class MergeError(CatalogError):
+    """Partial catalogs that cannot be merged: other encoders, not catalogs, or the same id
+    with different content in two of them."""

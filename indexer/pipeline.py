@@ -33,6 +33,8 @@ from indexer.text import text_for_embedding
 
 log = logging.getLogger(__name__)
 
+POSITIONS_BATCH = 1000  # dump positions recorded per transaction
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -290,14 +292,21 @@ def _decoded_stream(
 def _records_to_process(
     root: Path, catalog: Catalog, config: PipelineConfig, report: IndexReport
 ) -> Iterator[DumpRecord]:
-    """Dump records whose files are new or changed; unchanged ones are counted and passed over."""
-    for entry in iter_dump(root):
+    """Dump records whose files are new or changed; unchanged ones are counted and passed over.
+
+    Every record's position in the dump's order is recorded (see ``lookalike merge``)."""
+    positions: list[tuple[str, int]] = []
+    for position, entry in enumerate(iter_dump(root)):
         if isinstance(entry, SkippedEntry):
             report.skipped[entry.reason] += 1
             log.info("skipped %s: %s %s", entry.path, entry.reason, entry.detail)
             continue
         if config.shard is not None and not config.shard.owns(entry.id):
             continue
+        positions.append((entry.id, position))
+        if len(positions) >= POSITIONS_BATCH:
+            catalog.record_dump_positions(positions)
+            positions = []
         try:
             stat = entry.image_path.stat()
         except OSError as exc:
@@ -322,3 +331,4 @@ def _records_to_process(
             report.duplicates += 1
         else:
             yield entry
+    catalog.record_dump_positions(positions)

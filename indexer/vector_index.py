@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import faiss
 import numpy as np
 from numpy.typing import NDArray
 
+from indexer.filters import Filters, ItemAttributes
 from indexer.storage import atomic_write
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,12 @@ class IndexInfo:
 
 
 class VectorIndex:
-    """A FAISS index over (key, vector) pairs with filtered search and atomic persistence."""
+    """A FAISS index over (key, vector) pairs with filtered search and atomic persistence.
+
+    The catalog's default ``VectorStore``: filters reach it as a key mask (``allowed``), built
+    from the catalog's in-memory columns, so it keeps no metadata of its own."""
+
+    filters_itself: ClassVar[bool] = False
 
     def __init__(self, dim: int, policy: IndexPolicy | None = None) -> None:
         self.dim = dim
@@ -79,8 +86,14 @@ class VectorIndex:
         return IndexInfo(self._kind, len(self), self._nprobe, self._recall, self._trained_on)
 
     # -- mutation -------------------------------------------------------------------------
-    def add(self, keys: Keys, vectors: NDArray[np.float32]) -> None:
-        """Add or replace rows. ``vectors`` is float32 (n, dim), L2-normalised."""
+    def add(
+        self,
+        keys: Keys,
+        vectors: NDArray[np.float32],
+        attributes: Sequence[ItemAttributes] | None = None,
+    ) -> None:
+        """Add or replace rows. ``vectors`` is float32 (n, dim), L2-normalised; ``attributes``
+        are not kept (filters arrive as a mask)."""
         if len(keys) == 0:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -89,13 +102,21 @@ class VectorIndex:
             self._index.remove_ids(keys)
             self._index.add_with_ids(vectors, keys)
 
+    def set_attributes(self, keys: Keys, attributes: Sequence[ItemAttributes]) -> None:
+        """Nothing to do: this index keeps no metadata."""
+
     def remove(self, keys: Collection[int]) -> int:
         if not keys:
             return 0
         with self._lock:
             return int(self._index.remove_ids(np.fromiter(keys, dtype=np.int64)))
 
-    def rebuild(self, keys: Keys, vectors: NDArray[np.float32]) -> None:
+    def rebuild(
+        self,
+        keys: Keys,
+        vectors: NDArray[np.float32],
+        attributes: Sequence[ItemAttributes] | None = None,
+    ) -> None:
         """Replace the whole index with these rows, choosing the index type for their number."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         keys = np.ascontiguousarray(keys, dtype=np.int64)
@@ -124,12 +145,14 @@ class VectorIndex:
         k: int,
         *,
         allowed: NDArray[np.bool_] | None = None,
+        filters: Filters | None = None,
         exclude: Collection[int] = (),
     ) -> tuple[NDArray[np.float32], Keys]:
         """k-NN by cosine. ``queries`` float32 (q, dim). Returns scores (q, k) and keys (q, k).
 
         ``allowed`` is a boolean mask indexed by key (keys past its end are not allowed);
-        ``exclude`` lists keys never to return. Missing results have key -1.
+        ``filters`` are ignored (the mask says the same); ``exclude`` lists keys never to
+        return. Missing results have key -1.
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(k, max(len(self), 1)))
@@ -160,6 +183,9 @@ class VectorIndex:
             )
 
     # -- persistence ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Nothing to release: the index lives in this process's memory."""
+
     def save(self, path: Path) -> None:
         with self._lock:
             data = faiss.serialize_index(self._index)
@@ -206,19 +232,45 @@ class VectorIndex:
         self, keys: Keys, vectors: NDArray[np.float32]
     ) -> tuple[faiss.Index, str, int, float]:
         n = len(keys)
-        nlist = max(16, int(math.sqrt(n)))
+        nlist = max(16, int(4 * math.sqrt(n)))  # 4 sqrt(n): a third of the scan of sqrt(n)
         kind = f"IVF{nlist},Flat"
         rng = np.random.default_rng(0)
         train_n = min(n, nlist * self.policy.train_points_per_list)
         train = vectors[rng.choice(n, size=train_n, replace=False)]
         index = faiss.index_factory(self.dim, kind, faiss.METRIC_INNER_PRODUCT)
         log.info("training %s on %d of %d vectors", kind, train_n, n)
-        index.train(train)
-        index.add_with_ids(vectors, keys)
+        built = _build_on_gpu(index, train, keys, vectors) if self.policy.use_gpu else None
+        if built is None:
+            index.train(train)
+            index.add_with_ids(vectors, keys)
+        else:
+            index = built
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
         nprobe, recall = _tune_nprobe(index, keys, vectors, self.policy, rng)
         log.info("%s: nprobe=%d gives recall@%d=%.3f", kind, nprobe, self.policy.recall_k, recall)
         return index, kind, nprobe, recall
+
+
+def _build_on_gpu(
+    index: faiss.Index, train: NDArray[np.float32], keys: Keys, vectors: NDArray[np.float32]
+) -> faiss.Index | None:
+    """``index`` (an untrained IVF) trained and filled on GPU 0, back on the CPU; None where
+    that cannot be done. k-means and assigning every vector are the slow part of a build.
+
+    Searches stay on the CPU: FAISS GPU indexes take no ID selector, which every filtered or
+    seen-excluding search needs, and a feed page's search is a single query."""
+    if faiss.get_num_gpus() == 0:
+        log.info("use_gpu is set but FAISS sees no GPU; building on the CPU")
+        return None
+    try:
+        resources = faiss.StandardGpuResources()
+        on_gpu = faiss.index_cpu_to_gpu(resources, 0, index)
+        on_gpu.train(train)
+        on_gpu.add_with_ids(vectors, keys)
+        return faiss.index_gpu_to_cpu(on_gpu)
+    except (RuntimeError, AttributeError) as exc:  # no GPU build of this type, or out of memory
+        log.warning("could not build on the GPU (%s); building on the CPU", exc)
+        return None
 
 
 def _flat(dim: int) -> faiss.Index:

@@ -26,6 +26,8 @@ from indexer.build import create_encoders, recorded_specs
 from indexer.catalog import Catalog, CatalogItem
 from indexer.encoders.base import Encoder
 from indexer.images import ImageLimits, decode_image, read_embedded_metadata
+from indexer.vector_index import IndexPolicy
+from indexer.vector_store import StoreConfig
 from recommender.api import (
     FeedbackEvent,
     FeedbackResult,
@@ -42,7 +44,7 @@ from recommender.explore import ExploreConfig, Pick, make_page
 from recommender.feedback import Steerer, SteeringConfig, make_steerer, score_dwell
 from recommender.generate import Generator
 from recommender.rerank import RerankConfig, prompt_terms, rerank
-from recommender.retrieve import Filters, allowed_mask, retrieve
+from recommender.retrieve import Filters, retrieve
 from recommender.sessions import FeedbackEvent as StoredEvent
 from recommender.sessions import Served, Session, SessionConfig, SessionStore
 from recommender.taste import TasteStore
@@ -120,9 +122,12 @@ class Engine:
         config: EngineConfig | None = None,
         generator: Generator | None = None,
         seed: int | None = None,
+        store: StoreConfig | None = None,
+        policy: IndexPolicy | None = None,
     ) -> Engine:
-        """Open the catalog at ``path`` with the encoders its manifest records."""
-        catalog = Catalog.open(path)
+        """Open the catalog at ``path`` with the encoders its manifest records (``store``:
+        where its Milvus server is, when it keeps its vectors there)."""
+        catalog = Catalog.open(path, store=store, policy=policy)
         specs = recorded_specs(path) or {}
         return cls(
             catalog,
@@ -377,7 +382,7 @@ class Engine:
         """Images generated for this session that it has not seen, still in the catalog and
         allowed by its filters, at most ``size``: they lead its next page."""
         out: list[tuple[CatalogItem, float]] = []
-        mask = allowed_mask(self.catalog, session.filters)
+        mask = self.catalog.allowed_mask(session.filters)
         while session.generated_inbox and len(out) < size:
             item = self.catalog.item(session.generated_inbox.popleft())
             if item is None or item.id in session.seen:

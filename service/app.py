@@ -91,7 +91,12 @@ def open_engine(settings: Settings) -> Engine:
         settings.generator, settings.generation_config(), diffusers_config=diffusers_config
     )
     return Engine.from_catalog(
-        settings.catalog, device=settings.device, dtype=settings.dtype, generator=generator
+        settings.catalog,
+        device=settings.device,
+        dtype=settings.dtype,
+        generator=generator,
+        store=settings.store_config(),
+        policy=settings.index_policy(),
     )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from indexer.errors import LookalikeError
 from service.settings import Settings
@@ -45,6 +46,20 @@ GeneratorOption = Annotated[
         "LOOKALIKE_GENERATOR_* in the README) [env LOOKALIKE_GENERATOR]",
     ),
 ]
+VectorStoreOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Where a new catalog keeps its vectors: 'faiss' (default) or 'milvus' "
+        "[env LOOKALIKE_VECTOR_STORE]"
+    ),
+]
+MilvusUriOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Milvus server (http://host:19530); default: Milvus Lite inside the catalog "
+        "[env LOOKALIKE_MILVUS_URI]"
+    ),
+]
 
 
 @app.callback()
@@ -61,7 +76,14 @@ def root(
 
 def settings_from(**given: Any) -> Settings:
     """Environment settings, overridden by the options actually given on the command line."""
-    return Settings(**{k: v for k, v in given.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:  # a bad option or LOOKALIKE_* variable: say which, no trace
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        typer.echo(f"error: invalid setting: {problems}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("sample-dump")
@@ -93,6 +115,8 @@ def index(
     clip_model: Annotated[str | None, typer.Option(help="Hub id or local dir for clip")] = None,
     text_model: Annotated[str | None, typer.Option(help="Hub id or local dir for text")] = None,
     shard: Annotated[str | None, typer.Option(help="Index only shard I/N of the dump")] = None,
+    vector_store: VectorStoreOption = None,
+    milvus_uri: MilvusUriOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
 ) -> None:
@@ -109,6 +133,8 @@ def index(
         visual_model=visual_model,
         clip_model=clip_model,
         text_model=text_model,
+        vector_store=vector_store,
+        milvus_uri=milvus_uri,
     )
     if not dump.is_dir():
         raise LookalikeError(f"Dump directory {dump} does not exist.")
@@ -120,6 +146,8 @@ def index(
         overrides=settings.model_overrides(),
         device=settings.device,
         dtype=settings.dtype,
+        store=settings.store_config(),
+        policy=settings.index_policy(),
     )
     config = PipelineConfig(
         batch_size=settings.batch_size,
@@ -129,6 +157,33 @@ def index(
     )
     with cat:
         report = index_dump(dump, cat, encoders, config)
+    if json_out:
+        typer.echo(json.dumps(report.to_json()))
+    else:
+        typer.echo(report.summary())
+
+
+@app.command()
+def merge(
+    parts: Annotated[
+        list[Path], typer.Argument(help="Partial catalogs (`lookalike index --shard I/N`)")
+    ],
+    catalog: CatalogOption = None,
+    vector_store: VectorStoreOption = None,
+    milvus_uri: MilvusUriOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
+) -> None:
+    """Merge partial catalogs into one, as if the whole dump had been indexed at once."""
+    from indexer.merge import merge_catalogs
+
+    settings = settings_from(catalog=catalog, vector_store=vector_store, milvus_uri=milvus_uri)
+    report = merge_catalogs(
+        parts,
+        settings.catalog,
+        progress=not no_progress and sys.stderr.isatty(),
+        store=settings.store_config(),
+    )
     if json_out:
         typer.echo(json.dumps(report.to_json()))
     else:
@@ -190,10 +245,17 @@ def serve(
         str | None, typer.Option(help="auto (bf16 on GPUs and AMX CPUs), fp32 or bf16")
     ] = None,
     generator: GeneratorOption = None,
+    milvus_uri: MilvusUriOption = None,
 ) -> None:
     """Serve the HTTP API (and web page) over a catalog."""
     settings = settings_from(
-        catalog=catalog, host=host, port=port, device=device, dtype=dtype, generator=generator
+        catalog=catalog,
+        host=host,
+        port=port,
+        device=device,
+        dtype=dtype,
+        generator=generator,
+        milvus_uri=milvus_uri,
     )
     run_server(settings, what=f"catalog {settings.catalog}")
 

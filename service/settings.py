@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from indexer.vector_index import IndexPolicy
+from indexer.vector_store import StoreConfig
 from recommender.generate import GenerationConfig
 
 
@@ -26,7 +28,18 @@ class Settings(BaseSettings):
 
     batch_size: int = Field(32, ge=1, le=4096)
     decode_workers: int = Field(2, ge=1, le=64)
-    faiss_gpu: bool = False
+    faiss_gpu: bool = Field(False, description="build and search FAISS indexes on the GPU")
+
+    # -- vector store ---------------------------------------------------------------------
+    vector_store: Literal["faiss", "milvus"] | None = Field(
+        None,
+        description="where a new catalog keeps its vectors (default faiss; an existing "
+        "catalog keeps its own)",
+    )
+    milvus_uri: str | None = Field(
+        None, description="Milvus server (http://host:19530) or Lite file; default <catalog>/"
+    )
+    milvus_token: str | None = Field(None, description="Milvus token (user:password or API key)")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -141,6 +154,16 @@ class Settings(BaseSettings):
         options: dict[str, object] = {k: v for k, v in given.items() if v is not None}
         options.update(kind=self.generator_kind, dtype=self.generator_dtype)
         return options
+
+    def store_config(self) -> StoreConfig | None:
+        """The vector store asked for: a new catalog's kind, or where an existing Milvus
+        catalog's server is. None: nothing asked (FAISS when new, as recorded when not)."""
+        if self.vector_store is None and self.milvus_uri is None and self.milvus_token is None:
+            return None
+        return StoreConfig(self.vector_store or "milvus", self.milvus_uri, self.milvus_token)
+
+    def index_policy(self) -> IndexPolicy:
+        return IndexPolicy(use_gpu=self.faiss_gpu)
 
     def model_overrides(self) -> dict[str, str]:
         """Per-space model names given by the user (hub ids or local directories)."""

@@ -11,8 +11,9 @@ import pytest
 from indexer.catalog import DATABASE, INDEX_DIR, MANIFEST, Catalog, NewItem
 from indexer.encoders.base import EncoderSpec, l2_normalise
 from indexer.errors import CatalogError, EncoderMismatchError
+from indexer.filters import Filters
 from indexer.records import DumpRecord
-from indexer.vector_index import IndexPolicy
+from indexer.vector_index import IndexPolicy, VectorIndex
 
 DIM = 16
 SPECS = {
@@ -67,11 +68,12 @@ def test_search_finds_an_items_own_vector_first(catalog: Catalog) -> None:
     assert np.all(np.diff(scores[0]) <= 1e-6)
 
 
-def test_search_respects_allowed_mask_and_exclusions(catalog: Catalog) -> None:
+def test_search_respects_filters_and_exclusions(catalog: Catalog) -> None:
     allowed = catalog.columns.live & (catalog.columns.nsfw_level <= 1)
     query = catalog.vectors("visual", [catalog.key_for_id("3")])
     excluded = {int(catalog.key_for_id("4") or 0), int(catalog.key_for_id("5") or 0)}
-    _, keys = catalog.search("visual", query, 40, allowed=allowed, exclude=excluded)
+    filters = Filters(max_nsfw_level=1)
+    _, keys = catalog.search("visual", query, 40, filters=filters, exclude=excluded)
     found = [k for k in keys[0] if k >= 0]
     items = catalog.items(found)
     assert items and all(item.nsfw_level <= 1 for item in items)
@@ -207,3 +209,53 @@ def test_ivf_is_retrained_when_the_space_outgrows_its_lists(tmp_path: Path) -> N
     cat.checkpoint()
     grown = cat.info()["spaces"]["visual"]
     assert grown["trained_on"] == 900 and grown["index"] != first["index"]
+
+
+def _clustered(rng: np.random.Generator, n: int) -> np.ndarray:
+    centres = l2_normalise(rng.normal(size=(20, DIM)))
+    return l2_normalise(centres[rng.integers(0, 20, n)] + 0.3 * rng.normal(size=(n, DIM)))
+
+
+def test_use_gpu_builds_through_the_gpu_hand_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU build's plumbing, with FAISS's CPU index standing in for the GPU copy."""
+    import faiss
+
+    handed: list[str] = []
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda r, d, i: handed.append("to") or i)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda i: handed.append("back") or i)
+    rng = np.random.default_rng(4)
+    vectors = _clustered(rng, 1500).astype(np.float32)
+    keys = np.arange(1, 1501, dtype=np.int64)
+    policy = IndexPolicy(exact_limit=500, recall_target=0.9, recall_k=20, tuning_queries=50)
+    index = VectorIndex(DIM, IndexPolicy(**{**policy.__dict__, "use_gpu": True}))
+    index.rebuild(keys, vectors)
+    assert handed == ["to", "back"]
+    assert index.info.kind.startswith("IVF") and len(index) == 1500
+    _, found = index.search(vectors[:1], 5)
+    assert found[0, 0] == 1
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)  # no GPU: the CPU build, quietly
+    cpu = VectorIndex(DIM, IndexPolicy(**{**policy.__dict__, "use_gpu": True}))
+    cpu.rebuild(keys, vectors)
+    assert handed == ["to", "back"] and len(cpu) == 1500
+
+
+@pytest.mark.gpu
+def test_gpu_build_matches_the_cpu_build() -> None:
+    import faiss
+
+    if faiss.get_num_gpus() == 0:
+        pytest.skip("FAISS sees no GPU")
+    rng = np.random.default_rng(5)
+    vectors = _clustered(rng, 30_000).astype(np.float32)
+    keys = np.arange(30_000, dtype=np.int64)
+    built = {}
+    for use_gpu in (False, True):
+        index = VectorIndex(DIM, IndexPolicy(exact_limit=1000, use_gpu=use_gpu))
+        index.rebuild(keys, vectors)
+        built[use_gpu] = index
+    assert built[True].info.measured_recall >= 0.95
+    _, cpu = built[False].search(vectors[:50], 10)
+    _, gpu = built[True].search(vectors[:50], 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(cpu, gpu, strict=True)]) > 0.9

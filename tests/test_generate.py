@@ -411,7 +411,7 @@ def test_the_api_reports_generation_and_serves_the_new_images(tmp_path: Path) ->
         seen = [item["id"] for item in answer["items"]]
         generated: list[dict] = []
         saw_pending = answer["generating"]
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # the worker process loads its encoders first
         while not generated and time.monotonic() < deadline:
             page = client.get("/v1/feed", params={"session_id": session}).json()
             saw_pending = saw_pending or page["generating"]

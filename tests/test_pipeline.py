@@ -80,7 +80,8 @@ def test_shards_partition_the_dump(sample_dump: Path, tmp_path: Path) -> None:
         owners = [i for i, part in enumerate(parts) if part.key_for_id(row["id"]) is not None]
         in_whole = whole.key_for_id(row["id"]) is not None
         # Every id the whole run knows lands in exactly one shard (duplicates whose original
-        # fell in another shard are stored there as items: a merge deduplicates them).
+        # fell in another shard are stored there as items: `lookalike merge` makes them aliases
+        # again, see test_merge.py).
         assert len(owners) == (1 if in_whole else 0), row["id"]
 
 
