@@ -287,7 +287,8 @@ def _selector(
             ex = np.fromiter(exclude, dtype=np.int64)
             mask[ex[(ex >= 0) & (ex < len(mask))]] = False
         bits = np.packbits(mask, bitorder="little")
-        return faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)), [bits]
+        # FAISS bounds the bitmap by its length in bytes: a key past it is not a member.
+        return faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits)), [bits]
     if exclude:
         batch = faiss.IDSelectorBatch(np.fromiter(exclude, dtype=np.int64))
         return faiss.IDSelectorNot(batch), [batch]

@@ -259,3 +259,15 @@ def test_gpu_build_matches_the_cpu_build() -> None:
     _, cpu = built[False].search(vectors[:50], 10)
     _, gpu = built[True].search(vectors[:50], 10)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(cpu, gpu, strict=True)]) > 0.9
+
+
+def test_keys_past_the_end_of_an_allowed_mask_are_never_returned() -> None:
+    """A key added after a mask was built (past its end) is not allowed, even while the
+    packed mask's bytes would cover it."""
+    rng = np.random.default_rng(6)
+    index = VectorIndex(DIM)
+    index.add(np.arange(200, dtype=np.int64), l2_normalise(rng.normal(size=(200, DIM))))
+    allowed = np.ones(10, dtype=bool)  # 2 bytes packed; keys 10..199 lie past it
+    _, keys = index.search(l2_normalise(rng.normal(size=(1, DIM))), 50, allowed=allowed)
+    found = keys[0][keys[0] >= 0]
+    assert len(found) == 10 and found.max() < 10
