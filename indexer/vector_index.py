@@ -302,22 +302,46 @@ def _tune_nprobe(
     policy: IndexPolicy,
     rng: np.random.Generator,
 ) -> tuple[int, float]:
-    """Smallest power-of-two nprobe whose recall@k on sample queries meets the target."""
+    """Smallest nprobe (steps of about 1.5x) whose recall@k on sample queries meets the target.
+
+    The sample queries are catalog vectors, but real queries are not in the index: each
+    query's own key is left out of both its exact and its IVF results, since finding itself
+    is free and would flatter the recall."""
     n = len(vectors)
-    queries = vectors[rng.choice(n, size=min(policy.tuning_queries, n), replace=False)]
-    k = min(policy.recall_k, n)
+    rows = rng.choice(n, size=min(policy.tuning_queries, n), replace=False)
+    queries = vectors[rows]
+    k = min(policy.recall_k, n - 1)
     exact = faiss.IndexFlatIP(index.d)
     exact.add(vectors)
-    _, truth_rows = exact.search(queries, k)
-    truth = [set(keys[row].tolist()) for row in truth_rows]
-    nprobe, recall = 1, 0.0
-    while True:
+    _, truth_rows = exact.search(queries, k + 1)
+    truth = [
+        set(_others(keys[row], keys[own], k).tolist())
+        for row, own in zip(truth_rows, rows, strict=True)
+    ]
+    recall = 0.0
+    for nprobe in _nprobe_steps(index.nlist):
         params = faiss.SearchParametersIVF()
         params.nprobe = nprobe
-        _, found = index.search(queries, k, params=params)
+        _, found = index.search(queries, k + 1, params=params)
         recall = float(
-            np.mean([len(t & set(f.tolist())) / k for t, f in zip(truth, found, strict=True)])
+            np.mean(
+                [
+                    len(t & set(_others(f, keys[own], k).tolist())) / k
+                    for t, f, own in zip(truth, found, rows, strict=True)
+                ]
+            )
         )
-        if recall >= policy.recall_target or nprobe >= index.nlist:
+        if recall >= policy.recall_target:
             return nprobe, recall
-        nprobe = min(nprobe * 2, index.nlist)
+    return int(index.nlist), recall
+
+
+def _others(found: Keys, own: int, k: int) -> Keys:
+    """The first ``k`` keys of a result other than the query's own."""
+    return found[found != own][:k]
+
+
+def _nprobe_steps(nlist: int) -> list[int]:
+    """1, 2, 3, 4, 6, 8, 12, 16, 24, ... up to ``nlist``: powers of two and the halfway points."""
+    steps = sorted({s for p in range(32) for s in (1 << p, 3 << p >> 1) if 0 < s < nlist})
+    return [*steps, nlist]
