@@ -156,7 +156,7 @@ class VectorIndex:
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(k, max(len(self), 1)))
-        selector, keep_alive = _selector(allowed, exclude)
+        selector, keep_alive = id_selector(allowed, exclude)
         if len(queries) < 16:
             # Waking OpenMP workers costs more than a few queries take; this only sets the
             # calling thread's team size, so concurrent requests still use every core.
@@ -277,7 +277,7 @@ def _flat(dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
-def _selector(
+def id_selector(
     allowed: NDArray[np.bool_] | None, exclude: Collection[int]
 ) -> tuple[faiss.IDSelector | None, list[object]]:
     """Build a FAISS selector; the second value keeps the arrays it points into alive."""
