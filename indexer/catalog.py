@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,13 +25,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from indexer.compressed_index import CompressedIndex
 from indexer.encoders.base import EncoderSpec
 from indexer.errors import CatalogError, DiskFullError, EncoderMismatchError
 from indexer.filters import Filters, ItemAttributes
 from indexer.records import NSFW_LEVELS, DumpRecord
 from indexer.storage import atomic_write_bytes, translate_disk_full
 from indexer.vector_index import IndexPolicy, Keys
-from indexer.vector_store import StoreConfig, VectorStore, new_store, open_store
+from indexer.vector_store import StoreConfig, VectorStore, faiss_store_for, new_store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -1019,6 +1020,24 @@ class Catalog:
         with self._lock:
             return int(self._conn.execute(sql).fetchone()[0])
 
+    def _vector_chunks(
+        self, space: str, size: int = 65_536
+    ) -> Iterator[tuple[Keys, NDArray[np.float32]]]:
+        """A space's (keys, vectors) from SQLite, in key order, ``size`` rows at a time."""
+        last = -1
+        while True:
+            with self._lock:
+                rows = self._conn.execute(
+                    "SELECT key, vec FROM vectors WHERE space = ? AND key > ? ORDER BY key LIMIT ?",
+                    (space, last, size),
+                ).fetchall()
+            if not rows:
+                return
+            keys = np.array([r[0] for r in rows], dtype=np.int64)
+            blob = b"".join(r[1] for r in rows)
+            yield keys, np.frombuffer(blob, dtype=np.float32).reshape(len(rows), -1)
+            last = int(keys[-1])
+
     def _stores_filter(self) -> bool:
         """True when a store filters by itself and so must be told items' attributes."""
         return any(index.filters_itself for index in self.indexes.values())
@@ -1150,8 +1169,18 @@ class Catalog:
             return int(row.fetchone()[0])
 
     def _rebuild_space(self, space: str) -> None:
-        """Rebuild a space's vector store from the vectors (and attributes) stored in SQLite."""
+        """Rebuild a space's vector store from the vectors (and attributes) stored in SQLite.
+
+        A FAISS space changes type with its size (see ``faiss_store_for``); a compressed one
+        is built from chunks streamed out of SQLite, never holding every vector at once."""
         index = self.indexes[space]
+        if self.store.kind == "faiss":
+            count = self._vector_count(space)
+            index = self.indexes[space] = faiss_store_for(count, index, self.path, self.policy)
+            if isinstance(index, CompressedIndex):
+                log.info("building the compressed %s index over %d vectors", space, count)
+                index.build(self._vector_chunks(space))
+                return
         with self._lock:
             rows = self._conn.execute(
                 "SELECT key, vec FROM vectors WHERE space = ? ORDER BY key", (space,)

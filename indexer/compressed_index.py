@@ -28,15 +28,16 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import faiss
 import numpy as np
 from numpy.typing import NDArray
 
+from indexer.filters import Filters, ItemAttributes
 from indexer.storage import atomic_write, translate_disk_full
 from indexer.vector_index import IndexInfo, IndexPolicy, Keys, id_selector
 
@@ -111,6 +112,8 @@ class CompressedIndex:
     the snapshot (default: a private temporary directory, removed with the index).
     """
 
+    filters_itself: ClassVar[bool] = False  # filters arrive as a key mask, as for VectorIndex
+
     def __init__(
         self,
         dim: int,
@@ -161,8 +164,14 @@ class CompressedIndex:
         return self._file
 
     # -- mutation -------------------------------------------------------------------------
-    def add(self, keys: Keys, vectors: NDArray[np.float32]) -> None:
-        """Add or replace rows. ``vectors`` is float32 (n, dim), L2-normalised."""
+    def add(
+        self,
+        keys: Keys,
+        vectors: NDArray[np.float32],
+        attributes: Sequence[ItemAttributes] | None = None,
+    ) -> None:
+        """Add or replace rows. ``vectors`` is float32 (n, dim), L2-normalised; ``attributes``
+        are not kept (filters arrive as a mask)."""
         keys, vectors = self._checked(keys, vectors)
         if len(keys) == 0:
             return
@@ -182,6 +191,9 @@ class CompressedIndex:
             if self._ivf is not None:
                 self._ivf.add_with_ids(vectors, keys)
 
+    def set_attributes(self, keys: Keys, attributes: Sequence[ItemAttributes]) -> None:
+        """Nothing to do: this index keeps no metadata."""
+
     def remove(self, keys: Collection[int]) -> int:
         if not keys:
             return 0
@@ -195,7 +207,12 @@ class CompressedIndex:
             self._count -= len(present)
             return len(present)
 
-    def rebuild(self, keys: Keys, vectors: NDArray[np.float32]) -> BuildStats:
+    def rebuild(
+        self,
+        keys: Keys,
+        vectors: NDArray[np.float32],
+        attributes: Sequence[ItemAttributes] | None = None,
+    ) -> BuildStats:
         """Replace the whole index with these rows (see :meth:`build`)."""
         return self.build([(keys, vectors)])
 
@@ -274,12 +291,14 @@ class CompressedIndex:
         k: int,
         *,
         allowed: NDArray[np.bool_] | None = None,
+        filters: Filters | None = None,
         exclude: Collection[int] = (),
     ) -> tuple[NDArray[np.float32], Keys]:
         """k-NN by cosine. ``queries`` float32 (q, dim). Returns scores (q, k) and keys (q, k).
 
         ``allowed`` is a boolean mask indexed by key (keys past its end are not allowed);
-        ``exclude`` lists keys never to return. Missing results have key -1. Scores are exact
+        ``filters`` are ignored (the mask says the same); ``exclude`` lists keys never to
+        return. Missing results have key -1. Scores are exact
         inner products with the stored vectors.
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)

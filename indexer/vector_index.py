@@ -36,6 +36,9 @@ class IndexPolicy:
     recall_k: int = 100
     tuning_queries: int = 200
     train_points_per_list: int = 40
+    # Past this many vectors a space keeps compressed codes in RAM and its vectors in a
+    # memory-mapped file (CompressedIndex): an IVF-Flat index holds 4 x dim bytes per vector.
+    compressed_limit: int = 2_000_000
     use_gpu: bool = False
 
 
@@ -134,7 +137,7 @@ class VectorIndex:
         """True when the space outgrew (or shrank below) the index type it has, or grew so far
         past what its IVF lists were trained on that they are too coarse to keep recall."""
         want_ivf = len(self) > self.policy.exact_limit
-        if want_ivf != self._kind.startswith("IVF"):
+        if want_ivf != self._kind.startswith("IVF") or len(self) > self.policy.compressed_limit:
             return True
         return want_ivf and len(self) > 4 * (self._trained_on or 0)
 

@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from indexer.compressed_index import MAGIC as COMPRESSED_MAGIC
+from indexer.compressed_index import CompressedIndex
 from indexer.errors import CatalogError
 from indexer.filters import Filters, ItemAttributes
 from indexer.vector_index import IndexInfo, IndexPolicy, Keys, VectorIndex
@@ -58,8 +60,8 @@ class VectorStore(Protocol):
         keys: Keys,
         vectors: NDArray[np.float32],
         attributes: Sequence[ItemAttributes] | None = None,
-    ) -> None:
-        """Replace every row with these."""
+    ) -> object:
+        """Replace every row with these (what it returns, e.g. build timings, is optional)."""
 
     def needs_retype(self) -> bool:
         """True when the store should be rebuilt for its current size."""
@@ -169,4 +171,22 @@ def open_store(
         return MilvusStore.open(config, catalog_dir, space, dim)
     if snapshot is None or not snapshot.exists():
         return None
+    with open(snapshot, "rb") as f:
+        compressed = f.read(len(COMPRESSED_MAGIC)) == COMPRESSED_MAGIC
+    if compressed:
+        return CompressedIndex.load(snapshot, dim, info, policy)
     return VectorIndex.load(snapshot, dim, info, policy)
+
+
+def faiss_store_for(
+    count: int, current: VectorStore, catalog_dir: Path, policy: IndexPolicy
+) -> VectorStore:
+    """The FAISS store a space of ``count`` vectors should have: ``current`` when it is of the
+    right type, else an empty one of that type (CompressedIndex past ``compressed_limit``)."""
+    if count > policy.compressed_limit:
+        if isinstance(current, CompressedIndex):
+            return current
+        return CompressedIndex(current.dim, policy, workdir=catalog_dir / "faiss")
+    if isinstance(current, VectorIndex):
+        return current
+    return VectorIndex(current.dim, policy)

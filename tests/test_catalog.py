@@ -271,3 +271,39 @@ def test_keys_past_the_end_of_an_allowed_mask_are_never_returned() -> None:
     _, keys = index.search(l2_normalise(rng.normal(size=(1, DIM))), 50, allowed=allowed)
     found = keys[0][keys[0] >= 0]
     assert len(found) == 10 and found.max() < 10
+
+
+def test_a_space_past_compressed_limit_keeps_its_vectors_on_disk(tmp_path: Path) -> None:
+    """Past ``compressed_limit`` a space is rebuilt as a CompressedIndex, streamed out of
+    SQLite; it serves searches, survives a reopen and shrinks with deletes."""
+    from indexer.compressed_index import CompressedIndex
+
+    policy = IndexPolicy(
+        exact_limit=500, compressed_limit=2500, recall_target=0.9, recall_k=20, tuning_queries=50
+    )
+    cat = Catalog.create_or_open(tmp_path / "cat", SPECS, policy=policy)
+    rng = np.random.default_rng(8)
+    for start in range(0, 4000, 1000):
+        items, vectors = make_items(start, 1000, rng)
+        vectors["visual"] = _clustered(rng, 1000)
+        cat.add(items, vectors)
+        cat.checkpoint()
+    assert isinstance(cat.indexes["visual"], CompressedIndex)
+    assert len(cat.indexes["visual"]) == 4000
+    info = cat.info()["spaces"]["visual"]
+    assert info["count"] == 4000 and info["measured_recall"] >= 0.9
+    key = cat.key_for_id("42")
+    assert key is not None
+    query = cat.vectors("visual", [key])
+    _, keys = cat.search("visual", query, 10)
+    assert keys[0, 0] == key
+    cat.close()
+    with Catalog.open(tmp_path / "cat", policy=policy) as reopened:
+        assert isinstance(reopened.indexes["visual"], CompressedIndex)
+        assert not reopened._dirty  # loaded from its snapshot, not rebuilt
+        _, again = reopened.search("visual", query, 10, filters=Filters(max_nsfw_level=1))
+        assert all(i.nsfw_level <= 1 for i in reopened.items(again[0][again[0] >= 0].tolist()))
+        assert reopened.delete(["42"]) == ["42"]
+        _, after = reopened.search("visual", query, 10)
+        assert key not in after[0]
+        assert any((tmp_path / "cat" / "faiss").glob("visual.faiss.*.vectors"))
