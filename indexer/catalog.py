@@ -1,11 +1,11 @@
-"""The on-disk catalog: SQLite (WAL) for items, tags, vectors and feedback; one FAISS index per
-space; a manifest.
+"""The on-disk catalog: SQLite (WAL) for items, tags, vectors and feedback; one vector store
+per space (FAISS by default, or Milvus: see ``vector_store``); a manifest.
 
 SQLite is the source of truth: every write is one transaction that bumps a generation counter,
-and item vectors are stored there too. FAISS files are snapshots written atomically together
-with the generation they reflect; a catalog whose snapshot is behind (a crash between the two)
-rebuilds that space from SQLite when it is opened. So a crash at any moment leaves either the
-old or the new state, never a mix.
+and item vectors are stored there too. The manifest records the generation each space's store
+reflects (FAISS files are snapshots written atomically with it); a store found behind (a crash
+between the two) is rebuilt from SQLite when the catalog is opened. So a crash at any moment
+leaves either the old or the new state, never a mix.
 """
 
 from __future__ import annotations

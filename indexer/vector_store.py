@@ -1,8 +1,9 @@
 """The interface the catalog keeps one of per embedding space, and the choice between them.
 
-Two kinds exist: ``faiss`` (the default; indexes in memory, snapshots under the catalog's
-``faiss/`` folder) and ``milvus`` (collections in a Milvus server, or in the catalog's own
-Milvus Lite file). Either way SQLite stays the truth: the manifest records the catalog
+Two kinds exist: ``faiss`` (the default; snapshots under the catalog's ``faiss/`` folder: a
+``VectorIndex`` in memory, or past ``IndexPolicy.compressed_limit`` vectors a
+``CompressedIndex`` whose full vectors stay memory-mapped on disk) and ``milvus`` (collections
+in a Milvus server, or in the catalog's own Milvus Lite file). Either way SQLite stays the truth: the manifest records the catalog
 generation each store reflects, and a store found behind it is rebuilt from SQLite on open.
 """
 
