@@ -3,8 +3,9 @@
 Two kinds exist: ``faiss`` (the default; snapshots under the catalog's ``faiss/`` folder: a
 ``VectorIndex`` in memory, or past ``IndexPolicy.compressed_limit`` vectors a
 ``CompressedIndex`` whose full vectors stay memory-mapped on disk) and ``milvus`` (collections
-in a Milvus server, or in the catalog's own Milvus Lite file). Either way SQLite stays the truth: the manifest records the catalog
-generation each store reflects, and a store found behind it is rebuilt from SQLite on open.
+in a Milvus server, or in the catalog's own Milvus Lite file). Either way SQLite stays the
+truth: the manifest records the catalog generation each store reflects, and a store found
+behind it is rebuilt from SQLite on open.
 """
 
 from __future__ import annotations
