@@ -585,16 +585,18 @@ class GenerationQueue:
                 return False
             seed = int(self._seeds.spawn(1)[0].generate_state(1)[0])
             request = build_request(session, engine, self.config, seed)
+            # Cleared before the job exists: a worker that fails at once sets it again.
+            previous_error, session.generation_error = session.generation_error, None
             try:
                 self._jobs.put_nowait(_Job(session, request, now))
             except queue.Full:  # jobs are added under this lock: only close() can race here
+                session.generation_error = previous_error
                 self._stats.refused += 1
                 return False
             self._pending.add(session.id)
             self._remember(self._last_start, session.id, now)
             self._stats.requested += 1
         self.start(engine)
-        session.generation_error = None
         return True
 
     def stats(self) -> dict[str, int]:
