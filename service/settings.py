@@ -28,7 +28,9 @@ class Settings(BaseSettings):
 
     batch_size: int = Field(32, ge=1, le=4096)
     decode_workers: int = Field(2, ge=1, le=64)
-    faiss_gpu: bool = Field(False, description="build and search FAISS indexes on the GPU")
+    faiss_gpu: bool = Field(
+        False, description="build FAISS IVF indexes on GPU 0 (searches stay on the CPU)"
+    )
 
     # -- vector store ---------------------------------------------------------------------
     vector_store: Literal["faiss", "milvus"] | None = Field(
@@ -37,7 +39,7 @@ class Settings(BaseSettings):
         "catalog keeps its own)",
     )
     milvus_uri: str | None = Field(
-        None, description="Milvus server (http://host:19530) or Lite file; default <catalog>/"
+        None, description="Milvus server (http://host:19530); default: Lite, <catalog>/milvus.db"
     )
     milvus_token: str | None = Field(None, description="Milvus token (user:password or API key)")
 
