@@ -39,7 +39,15 @@ from numpy.typing import NDArray
 
 from indexer.filters import Filters, ItemAttributes
 from indexer.storage import atomic_write, translate_disk_full
-from indexer.vector_index import IndexInfo, IndexPolicy, Keys, id_selector
+from indexer.vector_index import (
+    IndexInfo,
+    IndexPolicy,
+    Keys,
+    id_selector,
+    opt_float,
+    opt_int,
+    single_thread_for_few,
+)
 
 log = logging.getLogger(__name__)
 
@@ -302,10 +310,7 @@ class CompressedIndex:
         inner products with the stored vectors.
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if len(queries) < 16:
-            # Waking OpenMP workers costs more than a few queries take; this only sets the
-            # calling thread's team size, so concurrent requests still use every core.
-            faiss.omp_set_num_threads(1)
+        single_thread_for_few(queries)
         with self._lock:
             k = max(1, min(k, max(self._count, 1)))
             if self._ivf is None or self._nprobe is None or self._refine is None:
@@ -416,11 +421,10 @@ class CompressedIndex:
         self._table, self._count = table, int(header["count"])
         self._file, self._n_rows, self._mm = file, rows, _map(file, rows, dim, self._dtype)
         self._kind = str(header["kind"])
-        self._nprobe = _opt_int(header.get("nprobe"))
-        self._refine = _opt_int(header.get("refine_factor"))
-        recall = header.get("measured_recall")
-        self._recall = float(recall) if isinstance(recall, int | float) else None
-        self._trained_on = _opt_int(header.get("trained_on"))
+        self._nprobe = opt_int(header.get("nprobe"))
+        self._refine = opt_int(header.get("refine_factor"))
+        self._recall = opt_float(header.get("measured_recall"))
+        self._trained_on = opt_int(header.get("trained_on"))
         return self
 
     def close(self) -> None:
@@ -826,7 +830,3 @@ def _keep_keys(allowed: NDArray[np.bool_] | None, exclude: Collection[int]) -> K
         return ok
 
     return keep
-
-
-def _opt_int(value: object) -> int | None:
-    return int(value) if isinstance(value, int | float) else None

@@ -14,13 +14,14 @@ import json
 import logging
 import math
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
+from indexer.batching import batched
 from indexer.errors import CatalogError
 from indexer.filters import Filters, ItemAttributes
 from indexer.vector_index import IndexInfo, Keys
@@ -113,15 +114,19 @@ class MilvusStore:
         if attributes is None or len(attributes) != len(keys):
             raise ValueError("MilvusStore.add needs one ItemAttributes per key")
         vectors = np.asarray(vectors, dtype=np.float32)
-        for rows in _batches(
-            {"key": int(k), VECTOR_FIELD: vectors[i].tolist(), **_fields(attributes[i])}
-            for i, k in enumerate(keys)
+        for rows in batched(
+            (
+                {"key": int(k), VECTOR_FIELD: vectors[i].tolist(), **_fields(attributes[i])}
+                for i, k in enumerate(keys)
+            ),
+            BATCH,
         ):
             self._client.upsert(self._collection, rows)
 
     def set_attributes(self, keys: Keys, attributes: Sequence[ItemAttributes]) -> None:
-        for rows in _batches(
-            {"key": int(k), **_fields(a)} for k, a in zip(keys, attributes, strict=True)
+        for rows in batched(
+            ({"key": int(k), **_fields(a)} for k, a in zip(keys, attributes, strict=True)),
+            BATCH,
         ):
             self._client.upsert(self._collection, rows, partial_update=True)
 
@@ -290,14 +295,3 @@ def _tags(tags: Sequence[str]) -> list[str]:
 
 def _literal(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
-
-
-def _batches(rows: Iterator[dict[str, Any]] | Any) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -160,10 +160,7 @@ class VectorIndex:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(k, max(len(self), 1)))
         selector, keep_alive = id_selector(allowed, exclude)
-        if len(queries) < 16:
-            # Waking OpenMP workers costs more than a few queries take; this only sets the
-            # calling thread's team size, so concurrent requests still use every core.
-            faiss.omp_set_num_threads(1)
+        single_thread_for_few(queries)
         nprobe = self._nprobe
         while True:
             with self._lock:
@@ -206,12 +203,9 @@ class VectorIndex:
             index.set_direct_map_type(faiss.DirectMap.Hashtable)
         self._index = index
         self._kind = str(info.get("index", "Flat"))
-        nprobe = info.get("nprobe")
-        self._nprobe = int(nprobe) if isinstance(nprobe, int | float) else None
-        recall = info.get("measured_recall")
-        self._recall = float(recall) if isinstance(recall, int | float) else None
-        trained = info.get("trained_on")
-        self._trained_on = int(trained) if isinstance(trained, int | float) else None
+        self._nprobe = opt_int(info.get("nprobe"))
+        self._recall = opt_float(info.get("measured_recall"))
+        self._trained_on = opt_int(info.get("trained_on"))
         return self
 
     # -- internals ------------------------------------------------------------------------
@@ -274,6 +268,23 @@ def _build_on_gpu(
     except (RuntimeError, AttributeError) as exc:  # no GPU build of this type, or out of memory
         log.warning("could not build on the GPU (%s); building on the CPU", exc)
         return None
+
+
+def single_thread_for_few(queries: NDArray[np.float32]) -> None:
+    """Search a handful of queries on the calling thread alone: waking OpenMP workers costs
+    more than they take. This sets only this thread's team size, so concurrent requests still
+    use every core."""
+    if len(queries) < 16:
+        faiss.omp_set_num_threads(1)
+
+
+def opt_int(value: object) -> int | None:
+    """A number from a manifest or snapshot header as an int; None when it is not a number."""
+    return int(value) if isinstance(value, int | float) else None
+
+
+def opt_float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _flat(dim: int) -> faiss.Index:

@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from indexer.alignment import ALIGNMENT_SCALE, TextImageEncoder, alignment_scores, scoring_text
+from indexer.batching import batched
 from indexer.encoders.base import Encoder
 from indexer.errors import ImageRejected
 from indexer.images import ImageLimits, decode_image
@@ -255,7 +256,7 @@ def score_csv(
     ):
         writer = csv.writer(out)
         writer.writerow(["image", "text", "score", "error"])
-        for batch in _batches(read_pairs(pairs_path), batch_size):
+        for batch in batched(read_pairs(pairs_path), batch_size):
             loaded = list(pool.map(lambda row: _load(root, row[1], limits), batch))
             good = [i for i, (image, _) in enumerate(loaded) if image is not None]
             images = [image for image, _ in loaded if image is not None]
@@ -274,19 +275,6 @@ def score_csv(
     summary.elapsed_s = time.perf_counter() - started
     summary.peak_rss_mb = peak_rss_mb()
     return summary
-
-
-def _batches(
-    rows: Iterator[tuple[int, str, str]], size: int
-) -> Iterator[list[tuple[int, str, str]]]:
-    batch: list[tuple[int, str, str]] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _load(root: Path, name: str, limits: ImageLimits) -> tuple[Image.Image | None, str | None]:
