@@ -382,6 +382,8 @@ class Engine:
         """Images generated for this session that it has not seen, still in the catalog and
         allowed by its filters, at most ``size``: they lead its next page."""
         out: list[tuple[CatalogItem, float]] = []
+        if not session.generated_inbox:
+            return out  # the usual page: no filter mask to build
         mask = self.catalog.allowed_mask(session.filters)
         while session.generated_inbox and len(out) < size:
             item = self.catalog.item(session.generated_inbox.popleft())
