@@ -13,7 +13,11 @@ float32 chunks as they pass, before they are stored as float16. Then, in the sam
   (warm: the build just wrote it; read through if it was evicted; residency checked with
   mincore), last with it evicted and the snapshot loaded afresh (cold);
 * the baseline: exact brute-force search over the same memory-mapped vectors, 1 thread, p50,
-  and the compressed index's speed-up over it.
+  and the compressed index's speed-up over it;
+* up to ``--ivf-flat-limit`` vectors (default 2M: it holds them all as float32 in RAM), the
+  catalog's in-memory index, IVF-Flat with 4 sqrt(n) lists and ``nprobe`` tuned to the same
+  recall target: build time, recall@100 and warm single-query latency on the same queries,
+  which is where the catalog switches from one to the other (``IndexPolicy.compressed_limit``).
 
     python benchmarks/large_index.py --vectors 200000 --json OUT.json      # about a minute
     python benchmarks/large_index.py --vectors 10000000 --dim 384 --json OUT.json
@@ -57,7 +61,7 @@ from indexer.compressed_index import (  # noqa: E402
     CompressionPolicy,
     exact_search,
 )
-from indexer.vector_index import IndexPolicy  # noqa: E402
+from indexer.vector_index import IndexPolicy, VectorIndex  # noqa: E402
 
 log = logging.getLogger("benchmarks.large_index")
 
@@ -267,6 +271,16 @@ class Latency:
 
 
 @dataclass
+class IvfFlatResult:
+    kind: str
+    nprobe: int | None
+    build_s: float
+    recall_at_100: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass
 class EvalResult:
     load_s: float
     rss_anon_growth_bytes_per_vector: float
@@ -284,6 +298,7 @@ class EvalResult:
     filtered_p99_ms: float
     nn1_cosine: float
     nn100_cosine: float
+    ivf_flat: IvfFlatResult | None = None
 
 
 @dataclass
@@ -426,6 +441,13 @@ def evaluate(args: argparse.Namespace) -> EvalResult:
     exact16 = recall(exact_search(mapped, row_keys, queries, RECALL_K)[1], truth)
     log.info("exact search over the stored vectors: recall@%d %.4f", RECALL_K, exact16)
 
+    ivf_flat = None
+    if n <= args.ivf_flat_limit:
+        stored = np.asarray(mapped, dtype=np.float32)
+        ivf_flat = measure_ivf_flat(args, stored, queries, truth, rest[100:])
+        del stored
+        log.info("IVF-Flat: recall %.4f p50 %.2f ms", ivf_flat.recall_at_100, ivf_flat.p50_ms)
+
     # Cold: unmapped, this file's pages evicted, a fresh load; each query reads its candidates.
     index.close()
     del index, mapped
@@ -451,6 +473,43 @@ def evaluate(args: argparse.Namespace) -> EvalResult:
         filtered_p99_ms=filtered.p99_ms,
         nn1_cosine=float(truth_scores[:, 0].mean()),
         nn100_cosine=float(truth_scores[:, -1].mean()),
+        ivf_flat=ivf_flat,
+    )
+
+
+def measure_ivf_flat(
+    args: argparse.Namespace,
+    vectors: NDArray[np.float32],
+    queries: NDArray[np.float32],
+    truth: NDArray[np.int64],
+    latency_queries: NDArray[np.float32],
+) -> IvfFlatResult:
+    """The catalog's in-memory index over the same vectors (float32 copies of the stored ones):
+    build time, recall@100 against the same exact top-100, and warm single-query latency on
+    1 thread (after 100 warm-up queries), as for the compressed index."""
+    import faiss
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    index = VectorIndex(args.dim, IndexPolicy(recall_target=args.recall_target, exact_limit=0))
+    started = time.perf_counter()
+    index.rebuild(np.arange(len(vectors), dtype=np.int64), vectors)
+    build_s = time.perf_counter() - started
+    _, found = index.search(queries, RECALL_K)
+    faiss.omp_set_num_threads(1)
+    ms = []
+    for i, q in enumerate(latency_queries):
+        started = time.perf_counter()
+        index.search(q[None, :], RECALL_K)
+        if i >= 100:
+            ms.append((time.perf_counter() - started) * 1000)
+    info = index.info
+    return IvfFlatResult(
+        kind=info.kind,
+        nprobe=info.nprobe,
+        build_s=build_s,
+        recall_at_100=recall(found, truth),
+        p50_ms=float(np.percentile(ms, 50)),
+        p99_ms=float(np.percentile(ms, 99)),
     )
 
 
@@ -532,6 +591,16 @@ def print_table(report: Report) -> None:
         ),
         ("neighbours", f"mean cosine of 1st {e.nn1_cosine:.3f}, 100th {e.nn100_cosine:.3f}"),
     ]
+    if e.ivf_flat is not None:
+        f = e.ivf_flat
+        rows.append(
+            (
+                "in-RAM IVF-Flat instead",
+                f"{f.kind}, nprobe {f.nprobe}: recall@100 {f.recall_at_100:.4f}, warm p50 "
+                f"{f.p50_ms:.2f} ms, p99 {f.p99_ms:.2f} ms (1 thread); build {f.build_s:.0f} s; "
+                f"{4 * b.dim} bytes of RAM / vector",
+            )
+        )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -563,6 +632,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--code-bytes", type=int, default=48)
     parser.add_argument("--vector-dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ivf-flat-limit",
+        type=int,
+        default=2_000_000,
+        help="also measure the in-RAM IVF-Flat index up to this many vectors",
+    )
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks/out/large_index")
     parser.add_argument("--keep", action="store_true", help="keep the vectors and snapshot")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -585,6 +660,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         subprocess.run([sys.executable, __file__, *argv, "--evaluate"], check=True)
         raw = json.loads((args.workdir / "evaluation.json").read_text())
         raw["cold"], raw["warm"] = Latency(**raw["cold"]), Latency(**raw["warm"])
+        if raw.get("ivf_flat"):
+            raw["ivf_flat"] = IvfFlatResult(**raw["ivf_flat"])
         evaluation = EvalResult(**raw)
     finally:
         if not args.keep:

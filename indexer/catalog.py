@@ -29,6 +29,7 @@ from indexer.compressed_index import CompressedIndex
 from indexer.encoders.base import EncoderSpec
 from indexer.errors import CatalogError, DiskFullError, EncoderMismatchError
 from indexer.filters import Filters, ItemAttributes
+from indexer.prompts import PROMPT_TERMS_VERSION, prompt_terms
 from indexer.records import NSFW_LEVELS, DumpRecord
 from indexer.storage import atomic_write_bytes, translate_disk_full
 from indexer.vector_index import IndexPolicy, Keys
@@ -109,7 +110,15 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE INDEX duplicates_of_key ON duplicates(of_key);
         """,
     ),
+    (
+        "parsed prompt terms",
+        # JSON list of the prompt's salient terms (indexer/prompts.py), parsed when the item is
+        # written; NULL: not parsed yet (rows from before this migration, or parsed under an
+        # older PROMPT_TERMS_VERSION), filled in when the catalog is opened.
+        "ALTER TABLE items ADD COLUMN prompt_terms TEXT;",
+    ),
 )
+PROMPT_TERMS_CHUNK = 20_000  # rows parsed per transaction when a catalog's prompts are re-read
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,7 @@ class CatalogItem:
     stats_json: str
     meta_json: str
     source: str
+    prompt_terms: tuple[str, ...]  # the prompt's salient terms, parsed at index time
 
     # Decoded on first use: a feed page reads hundreds of items and needs neither.
     @cached_property
@@ -1151,6 +1161,14 @@ class Catalog:
                 index = new_store(self.store, self.path, space, dim, self.policy)
             elif stale:
                 log.warning("the %s index is out of step with SQLite; rebuilding it", space)
+            elif index.needs_retype():  # e.g. written before the policy's limits changed
+                log.warning(
+                    "the %s index (%s) does not suit its %d vectors; rebuilding it",
+                    space,
+                    index.info.kind,
+                    len(index),
+                )
+                stale = True
             self.indexes[space] = index
             if stale:
                 self._rebuild_space(space)
@@ -1207,7 +1225,7 @@ _FILE_STATE_QUERIES = (
 
 _ITEM_COLUMNS = (
     "key, id, file, content_hash, width, height, prompt, negative_prompt, tags, nsfw_level, "
-    "base_model, model_name, created_at, username, url, stats, meta, source"
+    "base_model, model_name, created_at, username, url, stats, meta, source, prompt_terms"
 )
 
 
@@ -1231,6 +1249,8 @@ def _item_from_row(row: Sequence[Any]) -> CatalogItem:
         stats_json=row[15],
         meta_json=row[16],
         source=row[17],
+        # NULL only while an upgraded catalog is being opened by another process
+        prompt_terms=tuple(json.loads(row[18]) if row[18] is not None else prompt_terms(row[6])),
     )
 
 
@@ -1238,6 +1258,7 @@ def _record_values(record: DumpRecord) -> dict[str, Any]:
     """The metadata columns a dump record fills (not the file columns)."""
     return {
         "prompt": record.prompt,
+        "prompt_terms": json.dumps(prompt_terms(record.prompt)),
         "negative_prompt": record.negative_prompt,
         "tags": json.dumps(list(record.tags)),
         "nsfw_level": record.nsfw_level,
@@ -1259,6 +1280,7 @@ def _connect(path: Path) -> sqlite3.Connection:
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA busy_timeout = 10000")
             _migrate(conn)
+            _parse_prompt_terms(conn)
     except sqlite3.DatabaseError as exc:
         raise CatalogError(f"Cannot open catalog database {path}: {exc}") from exc
     conn.isolation_level = "DEFERRED"  # `with conn:` now wraps each write in a transaction
@@ -1271,6 +1293,42 @@ def _connect_reader(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA busy_timeout = 10000")
     return conn
+
+
+def _parse_prompt_terms(conn: sqlite3.Connection) -> None:
+    """Store the prompt terms of rows that have none, and of every row when they were parsed
+    under another ``PROMPT_TERMS_VERSION``. Runs once after an upgrade (about a minute per
+    million items); committed in chunks in key order, so an interrupted run resumes."""
+    state = conn.execute("SELECT value FROM state WHERE name = 'prompt_terms_version'").fetchone()
+    if state is None or state[0] != PROMPT_TERMS_VERSION:
+        conn.executescript(
+            "BEGIN;\n"
+            + ("UPDATE items SET prompt_terms = NULL;\n" if state is not None else "")
+            + "INSERT OR REPLACE INTO state VALUES ('prompt_terms_version', "
+            + f"{PROMPT_TERMS_VERSION});\nCOMMIT;"
+        )
+    first = conn.execute("SELECT MIN(key) FROM items WHERE prompt_terms IS NULL").fetchone()[0]
+    if first is None:
+        return
+    total = int(conn.execute("SELECT COUNT(*) FROM items WHERE key >= ?", (first,)).fetchone()[0])
+    log.info("parsing the prompts of up to %d items (once, after an upgrade)", total)
+    last, done = int(first) - 1, 0
+    while True:
+        rows = conn.execute(
+            "SELECT key, prompt FROM items WHERE key > ? AND prompt_terms IS NULL "
+            "ORDER BY key LIMIT ?",
+            (last, PROMPT_TERMS_CHUNK),
+        ).fetchall()
+        if not rows:
+            break
+        conn.execute("BEGIN")
+        conn.executemany(
+            "UPDATE items SET prompt_terms = ? WHERE key = ?",
+            [(json.dumps(prompt_terms(prompt)), key) for key, prompt in rows],
+        )
+        conn.execute("COMMIT")
+        last, done = int(rows[-1][0]), done + len(rows)
+        log.info("parsed the prompts of %d items", done)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

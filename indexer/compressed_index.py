@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import faiss
 import numpy as np
@@ -44,6 +44,7 @@ from indexer.vector_index import (
     IndexPolicy,
     Keys,
     id_selector,
+    nprobe_steps,
     opt_float,
     opt_int,
     single_thread_for_few,
@@ -139,7 +140,7 @@ class CompressedIndex:
         self._workdir = workdir
         self._private_dir: Path | None = None
         self._lock = threading.RLock()
-        self._ivf: faiss.IndexIVF | None = None
+        self._ivf: faiss.Index | None = None  # an IndexIVF, or one behind a Pad transform
         self._kind = f"ExactMmap({self._dtype.name})"
         self._nprobe: int | None = None
         self._refine: int | None = None
@@ -242,7 +243,7 @@ class CompressedIndex:
             table[keys] = np.arange(n, dtype=np.int32)
             mm = _map(file, n, self.dim, self._dtype)
             written = time.perf_counter()
-            ivf: faiss.IndexIVF | None = None
+            ivf: faiss.Index | None = None
             kind, tuning = f"ExactMmap({self._dtype.name})", None
             if n >= MIN_TRAIN:
                 ivf, kind = self._train(mm)
@@ -416,7 +417,7 @@ class CompressedIndex:
         rows = int(header["rows"])
         if file.stat().st_size < rows * dim * self._dtype.itemsize:
             raise ValueError(f"{file} holds fewer than the snapshot's {rows} rows")
-        self._ivf = cast(faiss.IndexIVF, faiss.deserialize_index(raw)) if len(raw) else None
+        self._ivf = faiss.deserialize_index(raw) if len(raw) else None
         del raw
         self._table, self._count = table, int(header["count"])
         self._file, self._n_rows, self._mm = file, rows, _map(file, rows, dim, self._dtype)
@@ -451,7 +452,7 @@ class CompressedIndex:
         # The refine factor was tuned at recall_k: a smaller k re-ranks as many candidates, since
         # fewer would rank its first results on the codes' error alone.
         wanted = min(max(k, self.policy.recall_k) * self._refine, self._count)
-        nlist = int(self._ivf.nlist)
+        nlist = int(faiss.extract_index_ivf(self._ivf).nlist)
         # The k best allowed keys lie as far out as the k / f best of all (f: the fraction
         # allowed); probing up to 4x more lists recovers part of that (measured at 1M, 10 %
         # allowed: recall@100 0.78 -> 0.85; beyond 4x it gains little for the time).
@@ -502,15 +503,17 @@ class CompressedIndex:
         return row_keys
 
     # -- internals: building --------------------------------------------------------------
-    def _train(self, mm: NDArray[Any]) -> tuple[faiss.IndexIVF, str]:
+    def _train(self, mm: NDArray[Any]) -> tuple[faiss.Index, str]:
         n = len(mm)
         nlist = _nlist_for(n)
-        m = _pq_subquantizers(self.dim, self.compression.code_bytes)
+        padded, m = _pq_layout(self.dim, self.compression.code_bytes)
         # L2 lists and residual codes: the same neighbours as inner product for unit vectors,
         # and at 1M vectors recall@100 0.94 against 0.86 for the inner-product fast-scan index
         # at the same nprobe and refine factor (residual codes are not used under IP).
         kind = f"IVF{nlist},PQ{m}x4fsr"
-        ivf = cast(faiss.IndexIVF, faiss.index_factory(self.dim, kind, faiss.METRIC_L2))
+        if padded != self.dim:  # zero dims that give the codes a divisor near their budget
+            kind = f"Pad{padded},{kind}"
+        ivf = faiss.index_factory(self.dim, kind, faiss.METRIC_L2)
         rng = np.random.default_rng(0)
         train_n = min(n, max(nlist * self.policy.train_points_per_list, 16 * 64))
         rows = np.sort(rng.choice(n, size=train_n, replace=False))
@@ -519,38 +522,42 @@ class CompressedIndex:
         return ivf, kind
 
     def _tune(
-        self, ivf: faiss.IndexIVF, mm: NDArray[Any], table: NDArray[np.int32], keys: Keys
+        self, ivf: faiss.Index, mm: NDArray[Any], table: NDArray[np.int32], keys: Keys
     ) -> _Tuning:
         """Cheapest (nprobe, refine factor) whose recall@k on sample queries meets the target.
 
-        nprobe doubles from 1; each step re-ranks the largest candidate list once and scores
-        every refine factor on its prefixes. Stops once scanning alone costs more than the
-        best setting found.
+        nprobe grows from 1 in steps of about 1.5x; each step re-ranks the largest candidate
+        list once and scores every refine factor on its prefixes. Stops once scanning alone
+        costs more than the best setting found. The sample queries are stored vectors, but
+        real queries are not in the index: each query's own key is left out of its exact and
+        its approximate results, since finding itself is free and would flatter the recall.
         """
         n = len(keys)
         rng = np.random.default_rng(1)
         rows = np.sort(rng.choice(n, size=min(self.policy.tuning_queries, n), replace=False))
         queries = np.asarray(mm[rows], dtype=np.float32)
-        k = min(self.policy.recall_k, n)
-        _, truth = exact_search(mm, keys, queries, k)
+        own = keys[rows]
+        k = min(self.policy.recall_k, n - 1)
+        _, with_self = exact_search(mm, keys, queries, k + 1)
+        truth = _without_own(with_self, own, k)
         factors = sorted(set(self.compression.refine_factors))
         # Queries fall where the data is: the lists they probe are longer than the mean.
-        lists = ivf.invlists
+        nlist = int(faiss.extract_index_ivf(ivf).nlist)
+        lists = faiss.extract_index_ivf(ivf).invlists
         assert lists is not None
-        sizes = np.array([lists.list_size(i) for i in range(ivf.nlist)], dtype=np.float64)
+        sizes = np.array([lists.list_size(i) for i in range(nlist)], dtype=np.float64)
         codes_per_list = float((sizes**2).sum() / max(1, n))
         best: _Tuning | None = None
-        fallback = _Tuning(int(ivf.nlist), factors[-1], 0.0, math.inf)
-        nprobe = 1
-        while True:
+        fallback = _Tuning(nlist, factors[-1], 0.0, math.inf)
+        for nprobe in nprobe_steps(nlist):
             params = faiss.SearchParametersIVF()
             params.nprobe = nprobe
-            _, candidates = ivf.search(queries, min(k * factors[-1], n), params=params)
+            _, candidates = ivf.search(queries, min(k * factors[-1] + 1, n), params=params)
             scan_s = nprobe * codes_per_list * SCAN_S_PER_CODE
             for factor in factors:
-                width = min(k * factor, n)
-                _, found = _rerank(mm, table, queries, candidates[:, :width], k)
-                recall = _recall(found, truth)
+                width = min(k * factor + 1, n)
+                _, found = _rerank(mm, table, queries, candidates[:, :width], k + 1)
+                recall = _recall(_without_own(found, own, k), truth)
                 option = _Tuning(nprobe, factor, recall, scan_s + k * factor * RERANK_S_PER_ROW)
                 log.debug("nprobe %d refine %d: recall@%d %.3f", nprobe, factor, k, recall)
                 if recall >= self.policy.recall_target and (
@@ -561,13 +568,8 @@ class CompressedIndex:
                     fallback = option
             # More probes cannot be cheaper once the smallest factor passes or scanning alone
             # costs more than the best setting found.
-            if (
-                nprobe >= ivf.nlist
-                or best is not None
-                and (best.refine_factor == factors[0] or scan_s >= best.cost_s)
-            ):
+            if best is not None and (best.refine_factor == factors[0] or scan_s >= best.cost_s):
                 break
-            nprobe = min(nprobe * 2, int(ivf.nlist))
         if best is None:
             log.warning(
                 "recall target %.2f not reached; best recall@%d %.3f",
@@ -760,6 +762,15 @@ def _top_k(scores: NDArray[np.float32], keys: Keys, k: int) -> tuple[NDArray[np.
     return scores.astype(np.float32, copy=False), keys.astype(np.int64, copy=False)
 
 
+def _without_own(found: Keys, own: Keys, k: int) -> Keys:
+    """Each row's first ``k`` keys other than its query's own key (-1 pads a short row)."""
+    out = np.full((len(found), k), -1, dtype=np.int64)
+    for i, (row, key) in enumerate(zip(found, own, strict=True)):
+        others = row[row != key][:k]
+        out[i, : len(others)] = others
+    return out
+
+
 def _recall(found: Keys, truth: Keys) -> float:
     hits = [
         len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, int((t >= 0).sum()))
@@ -807,11 +818,21 @@ def _nlist_for(n: int) -> int:
     return nlist
 
 
-def _pq_subquantizers(dim: int, code_bytes: int) -> int:
-    """The most 4-bit sub-quantizers within ``code_bytes`` that split ``dim`` evenly, each
-    over at least 2 dims."""
-    limit = max(1, min(2 * code_bytes, dim // 2))
-    return max(m for m in range(1, limit + 1) if dim % m == 0)
+def _pq_layout(dim: int, code_bytes: int) -> tuple[int, int]:
+    """(padded dim, 4-bit sub-quantizers): the most sub-quantizers within ``code_bytes`` that
+    split the dims evenly, each over at least 2 dims. A dim with no divisor near that budget
+    (289 = 17 x 17 has only 17, and 17 codes lose a tenth of recall@100) is padded with zeros
+    to the nearest dim that has one (290: 58)."""
+
+    def most(d: int) -> int:
+        limit = max(1, min(2 * code_bytes, d // 2))
+        return max(m for m in range(1, limit + 1) if d % m == 0)
+
+    wanted = min(code_bytes, dim // 4)  # at least half the budget, or 4 dims per code
+    for padded in range(dim, dim + 64):
+        if most(padded) >= wanted:
+            return padded, most(padded)
+    return dim, most(dim)
 
 
 def _keep_keys(allowed: NDArray[np.bool_] | None, exclude: Collection[int]) -> KeepKeys | None:

@@ -37,8 +37,10 @@ class IndexPolicy:
     tuning_queries: int = 200
     train_points_per_list: int = 40
     # Past this many vectors a space keeps compressed codes in RAM and its vectors in a
-    # memory-mapped file (CompressedIndex): an IVF-Flat index holds 4 x dim bytes per vector.
-    compressed_limit: int = 2_000_000
+    # memory-mapped file (CompressedIndex): an IVF-Flat index holds 4 x dim bytes per vector,
+    # and at 1M vectors its single-query search costs about twice the compressed one at the
+    # same recall (benchmarks/RESULTS.md, "Service").
+    compressed_limit: int = 500_000
     use_gpu: bool = False
 
 
@@ -333,7 +335,7 @@ def _tune_nprobe(
         for row, own in zip(truth_rows, rows, strict=True)
     ]
     recall = 0.0
-    for nprobe in _nprobe_steps(index.nlist):
+    for nprobe in nprobe_steps(index.nlist):
         params = faiss.SearchParametersIVF()
         params.nprobe = nprobe
         _, found = index.search(queries, k + 1, params=params)
@@ -355,7 +357,7 @@ def _others(found: Keys, own: int, k: int) -> Keys:
     return found[found != own][:k]
 
 
-def _nprobe_steps(nlist: int) -> list[int]:
+def nprobe_steps(nlist: int) -> list[int]:
     """1, 2, 3, 4, 6, 8, 12, 16, 24, ... up to ``nlist``: powers of two and the halfway points."""
     steps = sorted({s for p in range(32) for s in (1 << p, 3 << p >> 1) if 0 < s < nlist})
     return [*steps, nlist]

@@ -360,7 +360,7 @@ class Engine:
         keep = np.array([k in by_key for k in candidates.keys.tolist()], dtype=bool)
         candidates = candidates.take(keep)
         items = [by_key[k] for k in candidates.keys.tolist()]
-        candidates.set_vectors(TERM_SPACE, term_matrix([(i.tags, i.prompt) for i in items]))
+        candidates.set_vectors(TERM_SPACE, term_matrix([(i.tags, i.prompt_terms) for i in items]))
         ranked = self._rank(session, candidates, items)
         picks = self._pick(session, ranked, size)
         served = [
@@ -453,7 +453,7 @@ class Engine:
         clip_sim = None
         if "clip" in self.spaces and "clip" in session.query and session.primary != "clip":
             clip_sim = candidates.vectors("clip") @ session.query["clip"]
-        terms = [item.tags + tuple(prompt_terms(item.prompt)) for item in items]
+        terms = [item.tags + item.prompt_terms for item in items]
         result = rerank(
             self._query_similarity(session, candidates),
             session.vocabulary,
@@ -553,7 +553,7 @@ class Engine:
         for space, state in session.steering.items():
             if space == TERM_SPACE:
                 pairs = [
-                    (by_key[k].tags, by_key[k].prompt) if k in by_key else ((), None)
+                    (by_key[k].tags, by_key[k].prompt_terms) if k in by_key else ((), ())
                     for k in known_keys
                 ]
                 vectors = term_matrix(pairs)
@@ -577,7 +577,7 @@ class Engine:
                 continue
             prompt_vec = text_vecs[i] if text_vecs is not None and np.any(text_vecs[i]) else None
             session.vocabulary.add(
-                prompt_vec, tags=item.tags, terms=prompt_terms(item.prompt), weight=weight
+                prompt_vec, tags=item.tags, terms=item.prompt_terms, weight=weight
             )
 
 

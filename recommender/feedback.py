@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from recommender.errors import UnknownStrategyError
-from recommender.types import Scores, Vector, Vectors, as_rows, unit
+from recommender.types import Scores, Vector, Vectors, as_rows, row_cosines, unit
 
 log = logging.getLogger(__name__)
 
@@ -479,9 +479,8 @@ class BayesSteerer:
     def explore_scores(
         self, state: SteeringState, candidates: ArrayLike, rng: np.random.Generator
     ) -> Scores | None:
-        c = as_rows(np.asarray(candidates), dim=state.q0.shape[0])
-        w = self.sample_preference(state, rng).astype(np.float64)
-        return (c @ w).astype(np.float32)
+        w = self.sample_preference(state, rng)
+        return row_cosines(np.asarray(candidates), w, dim=state.q0.shape[0]).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- factory

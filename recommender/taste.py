@@ -61,7 +61,6 @@ from indexer.catalog import Catalog
 from indexer.encoders.base import Encoder
 from indexer.storage import atomic_write
 from recommender.errors import RecommenderError
-from recommender.rerank import prompt_terms
 from recommender.types import Vector, unit
 
 if TYPE_CHECKING:
@@ -731,7 +730,7 @@ def _vocabulary(
         entries.setdefault(tag, "tag")
     counts: Counter[str] = Counter()
     for item in islice(catalog.iter_items(), config.vocab_items):
-        counts.update(prompt_terms(item.prompt))
+        counts.update(item.prompt_terms)
     for term, n in counts.most_common(config.vocab_terms):
         if n >= 2:
             entries.setdefault(term, "term")

@@ -23,10 +23,10 @@ TERM_SPACE = "terms"
 TERM_DIM = 1024  # hashed: collisions among a catalog's few thousand terms are rare and harmless
 
 
-def _item_terms(tags: Iterable[str], prompt: str | None) -> set[str]:
-    terms = {normalise_term(t) for t in tags} | set(prompt_terms(prompt))
-    terms.discard("")
-    return terms
+def _item_terms(tags: Iterable[str], terms: Iterable[str]) -> set[str]:
+    out = {normalise_term(t) for t in tags} | set(terms)
+    out.discard("")
+    return out
 
 
 def _term_features(term: str) -> frozenset[str]:
@@ -35,7 +35,8 @@ def _term_features(term: str) -> frozenset[str]:
 
 def term_features(tags: Iterable[str], prompt: str | None) -> frozenset[str]:
     """The features of an item: its normalised tags and prompt terms, and their words."""
-    return frozenset(f for term in _item_terms(tags, prompt) for f in _term_features(term))
+    terms = _item_terms(tags, prompt_terms(prompt))
+    return frozenset(f for term in terms for f in _term_features(term))
 
 
 @functools.lru_cache(maxsize=1 << 17)
@@ -46,20 +47,23 @@ def _term_slots(term: str) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=1 << 15)
-def _slots(tags: tuple[str, ...], prompt: str | None) -> list[int]:
+def _slots(tags: tuple[str, ...], terms: tuple[str, ...]) -> list[int]:
     """An item's distinct slots: ``term_features`` hashed (cached too: successive pages
     share most candidates)."""
-    return sorted({slot for term in _item_terms(tags, prompt) for slot in _term_slots(term)})
+    return sorted({slot for term in _item_terms(tags, terms) for slot in _term_slots(term)})
 
 
 def term_vector(tags: Iterable[str], prompt: str | None) -> Vector:
-    """Unit (TERM_DIM,) float32 bag of the item's features; zero when it has none."""
-    return term_matrix([(tuple(tags), prompt)])[0]
+    """Unit (TERM_DIM,) float32 bag of the features of ``tags`` and ``prompt``; zero when
+    they have none."""
+    return term_matrix([(tuple(tags), tuple(prompt_terms(prompt)))])[0]
 
 
-def term_matrix(items: Sequence[tuple[Sequence[str], str | None]]) -> NDArray[np.float32]:
-    """Unit rows (n, TERM_DIM) for ``(tags, prompt)`` pairs; a row without features is zero."""
-    slots = [_slots(tuple(tags), prompt) for tags, prompt in items]
+def term_matrix(items: Sequence[tuple[Sequence[str], Sequence[str]]]) -> NDArray[np.float32]:
+    """Unit rows (n, TERM_DIM) for ``(tags, prompt terms)`` pairs (the prompt terms as
+    ``prompt_terms`` parses them, e.g. a catalog item's ``prompt_terms``); a row without
+    features is zero."""
+    slots = [_slots(tuple(tags), tuple(terms)) for tags, terms in items]
     counts = np.fromiter(map(len, slots), np.int64, len(slots))
     cols = np.fromiter((c for row in slots for c in row), np.int64, int(counts.sum()))
     out = np.zeros((len(items), TERM_DIM), dtype=np.float32)

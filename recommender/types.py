@@ -16,7 +16,7 @@ Scores = NDArray[np.float32]
 Indices = NDArray[np.int64]
 """int64 array of shape (n,): positions into a candidate array."""
 
-__all__ = ["Indices", "Scores", "Vector", "Vectors", "unit", "as_rows"]
+__all__ = ["Indices", "Scores", "Vector", "Vectors", "unit", "as_rows", "row_cosines"]
 
 
 def unit(x: NDArray[np.floating], fallback: NDArray[np.floating] | None = None) -> Vector:
@@ -49,3 +49,27 @@ def as_rows(items: NDArray[np.floating], dim: int | None = None) -> NDArray[np.f
         x = np.where(np.isfinite(x), x, 0.0)
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 1e-12)
+
+
+def row_cosines(
+    items: NDArray[np.floating], direction: NDArray[np.floating], dim: int | None = None
+) -> NDArray[np.float64]:
+    """``as_rows(items) @ direction`` without normalising the matrix: float64 (m,).
+
+    Divides the m dot products by the row norms instead of the m x d matrix by them (a feed
+    page scores its candidates this way several times). Zero or non-finite rows score 0.
+    """
+    x = np.asarray(items)
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    if x.ndim != 2:
+        raise ValueError(f"expected (m, d) item vectors, got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"expected item vectors of width {dim}, got {x.shape[1]}")
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    if not np.isfinite(x).all():  # rare: skip the copy on the hot path
+        x = np.where(np.isfinite(x), x, 0.0)
+    dots = (x @ np.asarray(direction, dtype=x.dtype)).astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 1e-12)

@@ -307,3 +307,38 @@ def test_a_space_past_compressed_limit_keeps_its_vectors_on_disk(tmp_path: Path)
         _, after = reopened.search("visual", query, 10)
         assert key not in after[0]
         assert any((tmp_path / "cat" / "faiss").glob("visual.faiss.*.vectors"))
+
+
+def test_prompt_terms_are_parsed_when_an_item_is_written(catalog: Catalog) -> None:
+    (item,) = catalog.items([catalog.key_for_id("3")])
+    assert item.prompt == "prompt 3" and item.prompt_terms == ("prompt",)  # "3" is no term
+    changed = DumpRecord(id="3", image_path=Path("/dump/3.png"), prompt="(red hair:1.2), cat")
+    assert catalog.update_metadata("3", changed)
+    (item,) = catalog.items([catalog.key_for_id("3")])
+    assert item.prompt_terms == ("red hair", "cat")
+
+
+def test_an_upgraded_catalog_parses_its_prompts_once_when_opened(catalog: Catalog) -> None:
+    """Rows written before the prompt_terms column (NULL), or parsed under an older parser
+    version, get their terms at the next open; rows without a prompt get none."""
+    import sqlite3
+
+    path = catalog.path
+    catalog.close()
+    with sqlite3.connect(path / DATABASE) as conn:
+        conn.execute("UPDATE items SET prompt_terms = NULL")
+        conn.execute("UPDATE items SET prompt = NULL WHERE id = '5'")
+    reopened = Catalog.open(path)
+    items = {i.id: i for i in reopened.items([reopened.key_for_id(str(n)) for n in range(40)])}
+    assert items["3"].prompt_terms == ("prompt",) and items["5"].prompt_terms == ()
+    reopened.close()
+    with sqlite3.connect(path / DATABASE) as conn:
+        assert (
+            conn.execute("SELECT COUNT(*) FROM items WHERE prompt_terms IS NULL").fetchone()[0] == 0
+        )
+        conn.execute("UPDATE items SET prompt_terms = '[\"stale\"]'")
+        conn.execute("UPDATE state SET value = 0 WHERE name = 'prompt_terms_version'")
+    reopened = Catalog.open(path)
+    (item,) = reopened.items([reopened.key_for_id("3")])
+    assert item.prompt_terms == ("prompt",)  # parsed again under this version's rules
+    reopened.close()
