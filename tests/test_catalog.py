@@ -342,3 +342,20 @@ def test_an_upgraded_catalog_parses_its_prompts_once_when_opened(catalog: Catalo
     (item,) = reopened.items([reopened.key_for_id("3")])
     assert item.prompt_terms == ("prompt",)  # parsed again under this version's rules
     reopened.close()
+
+
+def test_an_index_that_no_longer_suits_its_size_is_rebuilt_when_opened(tmp_path: Path) -> None:
+    """An index written under other limits (here: exact up to 1000 vectors, now 100) is
+    retyped at open, not left to wait for the next write."""
+    path = tmp_path / "cat"
+    cat = Catalog.create_or_open(path, SPECS, policy=IndexPolicy(exact_limit=1000))
+    items, vectors = make_items(0, 600, np.random.default_rng(3))
+    cat.add(items, vectors)
+    cat.checkpoint()
+    assert cat.manifest["spaces"]["visual"]["index"] == "Flat"
+    cat.close()
+    policy = IndexPolicy(exact_limit=100, recall_target=0.9, recall_k=10, tuning_queries=20)
+    reopened = Catalog.open(path, policy=policy)
+    assert reopened.manifest["spaces"]["visual"]["index"].startswith("IVF")
+    assert json.loads((path / MANIFEST).read_text())["spaces"]["visual"]["index"].startswith("IVF")
+    reopened.close()

@@ -277,3 +277,33 @@ def test_empty_index() -> None:
     assert keys.shape == (2, 1) and (keys == -1).all()  # k is capped at len, as VectorIndex
     assert index.remove([1, 2]) == 0
     assert len(index) == 0
+
+
+def test_a_dim_without_a_divisor_near_the_code_budget_is_padded(tmp_path: Path) -> None:
+    """289 = 17 x 17 would get 17 codes (a tenth of recall lost); 290 gets 58. A padded index
+    searches, survives a save and load, and removes keys like any other."""
+    from indexer.compressed_index import CompressionPolicy, _pq_layout
+
+    assert _pq_layout(289, 48) == (290, 58)
+    assert _pq_layout(384, 48) == (384, 96)  # real encoders' dims need no padding
+    assert _pq_layout(512, 48) == (512, 64)
+    dim = 17
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4000, dim)) + 2.0 * rng.normal(size=(40, dim))[rng.integers(0, 40, 4000)]
+    vectors = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    keys = np.arange(4000, dtype=np.int64)
+    index = CompressedIndex(dim, IndexPolicy(recall_target=0.9), CompressionPolicy(code_bytes=8))
+    index.rebuild(keys, vectors)
+    assert index.info.kind.startswith("Pad18,")
+    queries = vectors[:50]
+    _, truth = exact_search(vectors, keys, queries, 50)
+    _, found = index.search(queries, 50)
+    hits = [len(np.intersect1d(f, t)) / 50 for f, t in zip(found, truth, strict=True)]
+    assert np.mean(hits) >= 0.85
+    index.save(tmp_path / "v.faiss")
+    loaded = CompressedIndex.load(tmp_path / "v.faiss", dim, {}, IndexPolicy())
+    assert np.array_equal(loaded.search(queries, 50)[1], found)
+    assert loaded.remove([int(k) for k in found[0][:5]]) == 5
+    assert not set(found[0][:5].tolist()) & set(loaded.search(queries[:1], 50)[1][0].tolist())
+    loaded.close()
+    index.close()

@@ -287,3 +287,17 @@ def test_bayes_defaults_are_the_tuned_ones() -> None:
     )
     assert isinstance(make_steerer(), BayesSteerer)
     assert isinstance(make_steerer(SteeringConfig(strategy="none")), NoSteerer)
+
+
+def test_row_cosines_equal_normalised_rows_times_the_direction() -> None:
+    from recommender.types import row_cosines
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((30, 12)).astype(np.float32) * rng.uniform(0.1, 5, (30, 1))
+    x[3] = 0.0  # no vector: scores 0, as a zero row of as_rows does
+    x[5, 2] = np.nan  # a non-finite entry counts as 0, as in as_rows
+    w = rng.standard_normal(12)
+    assert np.allclose(row_cosines(x, w), as_rows(x) @ w, atol=1e-5)
+    assert row_cosines(x, w)[3] == 0.0
+    with pytest.raises(ValueError, match="width 8"):
+        row_cosines(x, w, dim=8)
