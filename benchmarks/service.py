@@ -214,25 +214,53 @@ class EngineShare:
     feed_cpu_ms_p99: float
     feed_wall_ms_p50: float
     feed_wall_ms_p99: float
+    # Sessions that send dwell feedback after every page, as the web page does: their feed
+    # pages score candidates against a steered posterior, and the feedback call steers.
+    steered_feed_cpu_ms_p50: float = float("nan")
+    steered_feed_cpu_ms_p99: float = float("nan")
+    feedback_cpu_ms_p50: float = float("nan")
+    feedback_cpu_ms_p99: float = float("nan")
 
 
 def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int) -> EngineShare:
-    """CPU and wall time of ``Engine.feed`` in this process (no HTTP), one call at a time."""
-    from recommender.api import ItemQuery
-    from recommender.engine import Engine
+    """CPU and wall time of ``Engine.feed`` in this process (no HTTP), one call at a time:
+    first sessions that only scroll, then sessions that send a page's dwell times after each
+    page (log-normal, median 1.5 s), with the CPU of ``Engine.feedback`` on its own."""
+    import uuid
 
+    from recommender.api import FeedbackEvent, ItemQuery
+    from recommender.engine import Engine, one_blas_thread
+
+    one_blas_thread()  # as the service does
     rng = np.random.default_rng([seed, 3])
     engine = Engine.from_catalog(path, seed=seed)
     try:
-        ids = [
-            engine.search(ItemQuery(f"b{rng.integers(items)}")).session_id for _ in range(sessions)
-        ]
+
+        def start() -> list[str]:
+            starts = rng.integers(items, size=sessions)
+            return [engine.search(ItemQuery(f"b{i}")).session_id for i in starts]
+
+        ids = start()
         cpu, wall = [], []
         for n in range(calls):
             c0, w0 = time.process_time(), time.perf_counter()
             engine.feed(ids[n % len(ids)])
             cpu.append(time.process_time() - c0)
             wall.append(time.perf_counter() - w0)
+        ids = start()
+        steered, feedback = [], []
+        for n in range(calls):
+            c0 = time.process_time()
+            page = engine.feed(ids[n % len(ids)])
+            steered.append(time.process_time() - c0)
+            dwell = np.exp(rng.normal(math.log(1500), 0.8, size=len(page.items)))
+            events = [
+                FeedbackEvent(uuid.uuid4().hex, item.id, float(ms))
+                for item, ms in zip(page.items, dwell, strict=True)
+            ]
+            c0 = time.process_time()
+            engine.feedback(page.session_id, events)
+            feedback.append(time.process_time() - c0)
     finally:
         engine.close()
     return EngineShare(
@@ -240,6 +268,10 @@ def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int)
         feed_cpu_ms_p99=_ms(cpu, 99),
         feed_wall_ms_p50=_ms(wall, 50),
         feed_wall_ms_p99=_ms(wall, 99),
+        steered_feed_cpu_ms_p50=_ms(steered, 50),
+        steered_feed_cpu_ms_p99=_ms(steered, 99),
+        feedback_cpu_ms_p50=_ms(feedback, 50),
+        feedback_cpu_ms_p99=_ms(feedback, 99),
     )
 
 
@@ -490,6 +522,7 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
         ("recall@100", 10),
         ("ann/exact ms", 13),
         ("engine cpu p50/p99", 18),
+        ("steered feed/feedback p50", 25),
         ("max req/s", 9),
         (f"p50/p99 @{args.rate:g}/s", 19),
         ("p50/p99 @70% max", 18),
@@ -507,6 +540,7 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
             f"{r.recall.recall_at_100:.3f}",
             f"{r.recall.ann_ms_per_query:.1f} / {r.recall.exact_ms_per_query:.1f}",
             f"{r.engine.feed_cpu_ms_p50:.1f} / {r.engine.feed_cpu_ms_p99:.1f}",
+            f"{r.engine.steered_feed_cpu_ms_p50:.1f} / {r.engine.feedback_cpu_ms_p50:.1f}",
             f"{r.max_throughput.rps:.0f}",
             f"{r.feed_at_rate.p50_ms:.0f} / {r.feed_at_rate.p99_ms:.0f}",
             f"{r.feed_at_70pct.p50_ms:.0f} / {r.feed_at_70pct.p99_ms:.0f}",

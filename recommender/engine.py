@@ -83,6 +83,18 @@ class EngineConfig:
         return self.explore.page_size
 
 
+def one_blas_thread() -> None:
+    """Make BLAS single-threaded in this process (a process that serves pages calls this).
+
+    A page's matrix products are small (a few hundred rows): splitting one over threads costs
+    more CPU than it saves, and concurrent requests already keep every core busy. On 2 cores,
+    the default strategy's update and Thompson sample took about twice the CPU with OpenBLAS's
+    own threads."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 class Engine:
     """Recommendation over one catalog. Thread-safe: each session has its own lock."""
 

@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from recommender.engine import Engine
+from recommender.engine import Engine, one_blas_thread
 from recommender.generate import make_generator
 from service.errors import install_error_handlers
 from service.metrics import Metrics
@@ -114,6 +114,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = engine is None
+        one_blas_thread()
         current = engine if engine is not None else await run_in_threadpool(open_engine, settings)
         app.state.engine = current
         app.state.image_slots = anyio.CapacityLimiter(settings.image_workers)
