@@ -1,10 +1,12 @@
-"""A FAISS index for spaces too large to keep their vectors in RAM.
+"""A FAISS index for large spaces: compressed codes in RAM, full vectors in a file.
 
 Compressed codes stay in memory: an IVF index whose lists hold 4-bit product-quantizer codes
 (FAISS fast-scan, residuals of the list centroid). The full vectors live in a file beside the
-index snapshot, memory-mapped, and the ``k * refine_factor`` best candidates of the compressed
-search are re-ranked exactly from it. RAM per vector is the PQ code, its int64 id in its list
-and a 4-byte entry of the key -> row table; the vectors cost disk and page cache only.
+index snapshot, and the ``k * refine_factor`` best candidates of the compressed search are
+re-ranked exactly from them: read into RAM while they fit ``ram_vectors_bytes`` (float16: half
+of what an IVF-Flat index holds), memory-mapped past it. Mapped, RAM per vector is the PQ code,
+its int64 id in its list and a 4-byte entry of the key -> row table; the vectors cost disk and
+page cache only.
 
 The vectors file is append-only: an added or replaced vector gets a new row, so a snapshot (which
 records how many rows it covers) stays valid while the live index keeps appending to the same
@@ -29,7 +31,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -81,6 +83,11 @@ class CompressionPolicy:
     refine_factors: tuple[int, ...] = (1, 2, 4, 8, 16)
     # float16 halves the file and the page cache it needs; the re-rank error is ~1e-4 cosine.
     vector_dtype: str = "float16"
+    # Vectors up to this size are read into RAM (768 MB at 1M x 384 float16); past it they are
+    # memory-mapped. A file's pages can be evicted when idle (and are, within a minute, on VMs
+    # that reclaim cold memory), after which each query reads ~1,000 scattered rows from disk:
+    # 13 ms instead of 1.5 ms at 1M vectors (benchmarks/RESULTS.md, "Large catalogs").
+    ram_vectors_bytes: int = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -241,7 +248,7 @@ class CompressedIndex:
                 raise ValueError("build: keys must be unique")
             table = _grown(np.full(0, -1, dtype=np.int32), int(keys.max()) if n else -1, exact=True)
             table[keys] = np.arange(n, dtype=np.int32)
-            mm = _map(file, n, self.dim, self._dtype)
+            mm = self._vector_rows(file, n)
             written = time.perf_counter()
             ivf: faiss.Index | None = None
             kind, tuning = f"ExactMmap({self._dtype.name})", None
@@ -390,7 +397,8 @@ class CompressedIndex:
         *,
         workdir: Path | None = None,
     ) -> CompressedIndex:
-        """Open a snapshot; the vectors are memory-mapped, not read.
+        """Open a snapshot; its vectors are read into RAM, or memory-mapped past
+        ``ram_vectors_bytes``.
 
         The snapshot describes itself (``info``, the manifest's copy, is accepted for the same
         signature as ``VectorIndex.load``). Later rebuilds write to ``workdir``, by default the
@@ -409,9 +417,7 @@ class CompressedIndex:
             raise ValueError(f"{path} is truncated")
         compression = compression or CompressionPolicy()
         if compression.vector_dtype != header["dtype"]:
-            compression = CompressionPolicy(
-                compression.code_bytes, compression.refine_factors, str(header["dtype"])
-            )
+            compression = replace(compression, vector_dtype=str(header["dtype"]))
         self = cls(dim, policy, compression, workdir=workdir or path.parent)
         file = path.parent / str(header["vectors"])
         rows = int(header["rows"])
@@ -420,7 +426,7 @@ class CompressedIndex:
         self._ivf = faiss.deserialize_index(raw) if len(raw) else None
         del raw
         self._table, self._count = table, int(header["count"])
-        self._file, self._n_rows, self._mm = file, rows, _map(file, rows, dim, self._dtype)
+        self._file, self._n_rows, self._mm = file, rows, self._vector_rows(file, rows)
         self._kind = str(header["kind"])
         self._nprobe = opt_int(header.get("nprobe"))
         self._refine = opt_int(header.get("refine_factor"))
@@ -636,8 +642,32 @@ class CompressedIndex:
             vectors.astype(self._dtype, copy=False).tofile(f)
             f.truncate()
         self._n_rows += len(vectors)
-        self._mm = _map(self._file, self._n_rows, self.dim, self._dtype)
+        self._mm = self._vector_rows(self._file, self._n_rows, held=self._mm)
         return first
+
+    def _vector_rows(
+        self, file: Path | None, rows: int, held: NDArray[Any] | None = None
+    ) -> NDArray[Any]:
+        """The first ``rows`` rows of ``file``: in RAM up to ``ram_vectors_bytes``, else
+        memory-mapped. ``held``: the rows of this same file already in RAM (a prefix, since
+        the file is append-only), which are not read again."""
+        if file is None or rows == 0:
+            return np.zeros((0, self.dim), dtype=self._dtype)
+        if rows * self.dim * self._dtype.itemsize > self.compression.ram_vectors_bytes:
+            return _map(file, rows, self.dim, self._dtype)
+        # A RAM copy is a view of a buffer it owns (a mapped file's array owns no data).
+        buffer = held.base if held is not None and isinstance(held.base, np.ndarray) else None
+        if buffer is not None and not buffer.flags.owndata:
+            buffer = None
+        have = len(held) if buffer is not None and held is not None else 0
+        if buffer is None or len(buffer) < rows:  # grow by a quarter: appends come in batches
+            grown = np.empty((max(rows, have + have // 4), self.dim), dtype=self._dtype)
+            if buffer is not None:
+                grown[:have] = buffer[:have]
+            buffer = grown
+        if rows > have:
+            _read_rows(file, have, buffer[have:rows])
+        return buffer[:rows]
 
     def _place_vectors(self, path: Path) -> Path:
         """The vectors file beside ``path``: moved there if unsaved, copied if another
@@ -659,7 +689,7 @@ class CompressedIndex:
             else:
                 shutil.copyfile(self._file, target)
         self._file = target
-        self._mm = _map(target, self._n_rows, self.dim, self._dtype)
+        self._mm = self._vector_rows(target, self._n_rows, held=self._mm)
         return target
 
 
@@ -780,6 +810,19 @@ def _recall(found: Keys, truth: Keys) -> float:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _read_rows(file: Path, first: int, out: NDArray[Any]) -> None:
+    """Fill ``out`` (rows, dim) with the file's rows from row ``first`` on."""
+    view = out.reshape(-1).view(np.uint8).data
+    with open(file, "rb", buffering=0) as f:
+        f.seek(first * out.shape[1] * out.itemsize)
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise ValueError(f"{file} ends before row {first + len(out)}")
+            done += got
 
 
 def _map(file: Path | None, rows: int, dim: int, dtype: np.dtype[Any]) -> NDArray[Any]:

@@ -36,11 +36,11 @@ class IndexPolicy:
     recall_k: int = 100
     tuning_queries: int = 200
     train_points_per_list: int = 40
-    # Past this many vectors a space keeps compressed codes in RAM and its vectors in a
-    # memory-mapped file (CompressedIndex): about 65 bytes of RAM per vector instead of
-    # IVF-Flat's 4 x dim, a faster build, and at 1M vectors a search that costs 0.5-2x
-    # IVF-Flat's at the same recall, depending on the data (benchmarks/RESULTS.md, "Large
-    # catalogs" and "Service").
+    # Past this many vectors a space keeps compressed codes in RAM and float16 vectors for the
+    # re-rank (CompressedIndex: in RAM up to 2 GiB, memory-mapped past it): half or less of
+    # IVF-Flat's 4 x dim bytes per vector, a faster build, and at 1M vectors a search that
+    # costs 0.5-2x IVF-Flat's at the same recall, depending on the data
+    # (benchmarks/RESULTS.md, "Large catalogs" and "Service").
     compressed_limit: int = 500_000
     use_gpu: bool = False
 

@@ -2,7 +2,7 @@
 
 Two kinds exist: ``faiss`` (the default; snapshots under the catalog's ``faiss/`` folder: a
 ``VectorIndex`` in memory, or past ``IndexPolicy.compressed_limit`` vectors a
-``CompressedIndex`` whose full vectors stay memory-mapped on disk) and ``milvus`` (collections
+``CompressedIndex`` of PQ codes with its float16 vectors in a file) and ``milvus`` (collections
 in a Milvus server, or in the catalog's own Milvus Lite file). Either way SQLite stays the
 truth: the manifest records the catalog generation each store reflects, and a store found
 behind it is rebuilt from SQLite on open.

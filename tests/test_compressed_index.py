@@ -179,10 +179,17 @@ def test_add_keeps_the_last_of_a_repeated_key(copy: CompressedIndex) -> None:
     np.testing.assert_allclose(copy.vectors(key[:1])[0], fresh[1], atol=1e-3)
 
 
-def test_save_and_load_round_trip_keeps_vectors_mapped(built: Built, tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_ram", [True, False])
+def test_save_and_load_round_trip(built: Built, tmp_path: Path, in_ram: bool) -> None:
+    """Vectors within ``ram_vectors_bytes`` are read into RAM; past it they are served from
+    a mapping of the file. Either way the loaded index answers as the saved one did, and
+    rows appended later are found."""
+    from indexer.compressed_index import CompressionPolicy
+
     path = tmp_path / "catalog" / "visual.faiss"
     built.index.save(path)
-    loaded = CompressedIndex.load(path, DIM, built.index.info.to_json(), POLICY)
+    compression = CompressionPolicy(ram_vectors_bytes=2**30 if in_ram else 0)
+    loaded = CompressedIndex.load(path, DIM, built.index.info.to_json(), POLICY, compression)
     assert loaded.info == built.index.info
     s1, k1 = built.index.search(built.queries, K)
     s2, k2 = loaded.search(built.queries, K)
@@ -190,9 +197,13 @@ def test_save_and_load_round_trip_keeps_vectors_mapped(built: Built, tmp_path: P
     np.testing.assert_array_equal(s1, s2)
     vectors_file = loaded.vectors_file
     assert vectors_file is not None and vectors_file.parent == path.parent
-    maps = Path("/proc/self/maps").read_text()
-    assert str(vectors_file) in maps  # served from the mapping, not read into memory
+    assert (str(vectors_file) in Path("/proc/self/maps").read_text()) is not in_ram
     assert path.stat().st_size < vectors_file.stat().st_size / 2  # codes are far smaller
+    extra = clustered(300, seed=7)
+    loaded.add(np.arange(10**6, 10**6 + 300, dtype=np.int64), extra)
+    np.testing.assert_allclose(loaded.vectors(np.array([10**6 + 299])), extra[-1:], atol=1e-3)
+    assert loaded.search(extra[:5], 1)[1][:, 0].tolist() == list(range(10**6, 10**6 + 5))
+    loaded.close()
 
 
 def test_saving_after_changes_keeps_one_vectors_file_and_reloads(
