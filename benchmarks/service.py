@@ -220,6 +220,22 @@ class EngineShare:
     steered_feed_cpu_ms_p99: float = float("nan")
     feedback_cpu_ms_p50: float = float("nan")
     feedback_cpu_ms_p99: float = float("nan")
+    # The shared VM's speed swings up to 2x from minute to minute: CPU of a fixed reference
+    # workload, run between blocks of engine calls, says how fast the box was meanwhile.
+    reference_cpu_ms_p50: float = float("nan")
+
+
+def reference_cpu_ms() -> float:
+    """CPU ms of a fixed workload shaped like a page's (Python loops, small products)."""
+    rng = np.random.default_rng(0)
+    rows, query = rng.random((200, 384), dtype=np.float32), rng.random(384, dtype=np.float32)
+    started = time.process_time()
+    for _ in range(2000):
+        rows @ query
+    total = 0
+    for i in range(300_000):
+        total += i
+    return (time.process_time() - started) * 1000
 
 
 def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int) -> EngineShare:
@@ -241,8 +257,10 @@ def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int)
             return [engine.search(ItemQuery(f"b{i}")).session_id for i in starts]
 
         ids = start()
-        cpu, wall = [], []
+        cpu, wall, reference = [], [], []
         for n in range(calls):
+            if n % 50 == 0:
+                reference.append(reference_cpu_ms())
             c0, w0 = time.process_time(), time.perf_counter()
             engine.feed(ids[n % len(ids)])
             cpu.append(time.process_time() - c0)
@@ -250,6 +268,8 @@ def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int)
         ids = start()
         steered, feedback = [], []
         for n in range(calls):
+            if n % 50 == 0:
+                reference.append(reference_cpu_ms())
             c0 = time.process_time()
             page = engine.feed(ids[n % len(ids)])
             steered.append(time.process_time() - c0)
@@ -272,6 +292,7 @@ def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int)
         steered_feed_cpu_ms_p99=_ms(steered, 99),
         feedback_cpu_ms_p50=_ms(feedback, 50),
         feedback_cpu_ms_p99=_ms(feedback, 99),
+        reference_cpu_ms_p50=float(np.median(reference)),
     )
 
 
@@ -523,6 +544,7 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
         ("ann/exact ms", 13),
         ("engine cpu p50/p99", 18),
         ("steered feed/feedback p50", 25),
+        ("ref ms", 6),
         ("max req/s", 9),
         (f"p50/p99 @{args.rate:g}/s", 19),
         ("p50/p99 @70% max", 18),
@@ -541,6 +563,7 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
             f"{r.recall.ann_ms_per_query:.1f} / {r.recall.exact_ms_per_query:.1f}",
             f"{r.engine.feed_cpu_ms_p50:.1f} / {r.engine.feed_cpu_ms_p99:.1f}",
             f"{r.engine.steered_feed_cpu_ms_p50:.1f} / {r.engine.feedback_cpu_ms_p50:.1f}",
+            f"{r.engine.reference_cpu_ms_p50:.0f}",
             f"{r.max_throughput.rps:.0f}",
             f"{r.feed_at_rate.p50_ms:.0f} / {r.feed_at_rate.p99_ms:.0f}",
             f"{r.feed_at_70pct.p50_ms:.0f} / {r.feed_at_70pct.p99_ms:.0f}",
@@ -551,7 +574,8 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
             " ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, columns, strict=True))
         )
     print(
-        "latency in ms; open loops with Poisson arrivals (a queued request's wait counts); "
+        "latency in ms; ref ms: CPU of a fixed reference workload between engine calls (the "
+        "box's speed); open loops with Poisson arrivals (a queued request's wait counts); "
         f"errors: non-200 answers in the closed loop and the 70% loop; {_loadavg()}"
     )
 
