@@ -38,15 +38,7 @@ def as_rows(items: NDArray[np.floating], dim: int | None = None) -> NDArray[np.f
 
     A (d,) input is one row. ``dim`` checks the width when given.
     """
-    x = np.asarray(items, dtype=np.float64)
-    if x.ndim == 1:
-        x = x.reshape(1, -1)
-    if x.ndim != 2:
-        raise ValueError(f"expected (m, d) item vectors, got shape {x.shape}")
-    if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"expected item vectors of width {dim}, got {x.shape[1]}")
-    if not np.isfinite(x).all():  # rare: skip the copy on the hot path
-        x = np.where(np.isfinite(x), x, 0.0)
+    x = _finite_rows(np.asarray(items, dtype=np.float64), dim)
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 1e-12)
 
@@ -60,16 +52,23 @@ def row_cosines(
     page scores its candidates this way several times). Zero or non-finite rows score 0.
     """
     x = np.asarray(items)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    x = _finite_rows(x, dim)
+    dots = (x @ np.asarray(direction, dtype=x.dtype)).astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 1e-12)
+
+
+def _finite_rows(x: NDArray[np.floating], dim: int | None) -> NDArray[np.floating]:
+    """``x`` as (m, d) rows (a (d,) input is one row) of width ``dim`` when given, with
+    non-finite entries as 0."""
     if x.ndim == 1:
         x = x.reshape(1, -1)
     if x.ndim != 2:
         raise ValueError(f"expected (m, d) item vectors, got shape {x.shape}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"expected item vectors of width {dim}, got {x.shape[1]}")
-    if x.dtype not in (np.float32, np.float64):
-        x = x.astype(np.float64)
     if not np.isfinite(x).all():  # rare: skip the copy on the hot path
         x = np.where(np.isfinite(x), x, 0.0)
-    dots = (x @ np.asarray(direction, dtype=x.dtype)).astype(np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 1e-12)
+    return x
