@@ -42,7 +42,7 @@ _CHUNK_SPLIT = re.compile(r",|\n|\|| BREAK |\bAND\b|\.(?:\s|$)")
 _WORD = re.compile(r"[a-z0-9][a-z0-9'-]*[a-z0-9]|[a-z]")
 
 
-# Both are pure and called for every candidate of every page: cache them (hot path).
+# Both are pure, and indexing and queries repeat prompts and terms: cached.
 @functools.lru_cache(maxsize=1 << 17)
 def normalise_term(term: str) -> str:
     """Lower-case, collapse white space and strip punctuation at the ends."""
