@@ -1296,23 +1296,22 @@ def _connect_reader(path: Path) -> sqlite3.Connection:
 
 
 def _parse_prompt_terms(conn: sqlite3.Connection) -> None:
-    """Store the prompt terms of rows that have none, and of every row when they were parsed
-    under another ``PROMPT_TERMS_VERSION``. Runs once after an upgrade (about 30 s per million
-    items on the dev box); committed in chunks in key order, so an interrupted run resumes."""
+    """Store the prompt terms of rows that have none (a catalog from before migration 5), and
+    of every row when they were parsed under another ``PROMPT_TERMS_VERSION``.
+
+    The state row ``prompt_terms_version`` is written once every row is parsed, so an open
+    after that reads one row and scans nothing. The parse runs once after an upgrade (about
+    30 s per million items on the dev box), committed in chunks in key order: an interrupted
+    run resumes at the next open."""
     state = conn.execute("SELECT value FROM state WHERE name = 'prompt_terms_version'").fetchone()
-    if state is None or state[0] != PROMPT_TERMS_VERSION:
-        conn.executescript(
-            "BEGIN;\n"
-            + ("UPDATE items SET prompt_terms = NULL;\n" if state is not None else "")
-            + "INSERT OR REPLACE INTO state VALUES ('prompt_terms_version', "
-            + f"{PROMPT_TERMS_VERSION});\nCOMMIT;"
-        )
-    first = conn.execute("SELECT MIN(key) FROM items WHERE prompt_terms IS NULL").fetchone()[0]
-    if first is None:
+    if state is not None and state[0] == PROMPT_TERMS_VERSION:
         return
-    total = int(conn.execute("SELECT COUNT(*) FROM items WHERE key >= ?", (first,)).fetchone()[0])
-    log.info("parsing the prompts of up to %d items (once, after an upgrade)", total)
-    last, done = int(first) - 1, 0
+    if state is not None:  # parsed under other rules: all of it again
+        conn.executescript(
+            "BEGIN;\nUPDATE items SET prompt_terms = NULL;\n"
+            "DELETE FROM state WHERE name = 'prompt_terms_version';\nCOMMIT;"
+        )
+    last, done = -1, 0
     while True:
         rows = conn.execute(
             "SELECT key, prompt FROM items WHERE key > ? AND prompt_terms IS NULL "
@@ -1321,6 +1320,8 @@ def _parse_prompt_terms(conn: sqlite3.Connection) -> None:
         ).fetchall()
         if not rows:
             break
+        if not done:
+            log.info("parsing the prompts of the catalog's items (once, after an upgrade)")
         conn.execute("BEGIN")
         conn.executemany(
             "UPDATE items SET prompt_terms = ? WHERE key = ?",
@@ -1329,6 +1330,9 @@ def _parse_prompt_terms(conn: sqlite3.Connection) -> None:
         conn.execute("COMMIT")
         last, done = int(rows[-1][0]), done + len(rows)
         log.info("parsed the prompts of %d items", done)
+    conn.execute(
+        "INSERT OR REPLACE INTO state VALUES ('prompt_terms_version', ?)", (PROMPT_TERMS_VERSION,)
+    )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

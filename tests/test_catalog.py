@@ -325,8 +325,9 @@ def test_an_upgraded_catalog_parses_its_prompts_once_when_opened(catalog: Catalo
 
     path = catalog.path
     catalog.close()
-    with sqlite3.connect(path / DATABASE) as conn:
+    with sqlite3.connect(path / DATABASE) as conn:  # as a catalog from before migration 5
         conn.execute("UPDATE items SET prompt_terms = NULL")
+        conn.execute("DELETE FROM state WHERE name = 'prompt_terms_version'")
         conn.execute("UPDATE items SET prompt = NULL WHERE id = '5'")
     reopened = Catalog.open(path)
     items = {i.id: i for i in reopened.items([reopened.key_for_id(str(n)) for n in range(40)])}
