@@ -46,10 +46,12 @@ from indexer.vector_index import (
     IndexPolicy,
     Keys,
     id_selector,
+    mean_recall,
     nprobe_steps,
     opt_float,
     opt_int,
     single_thread_for_few,
+    without_own,
 )
 
 log = logging.getLogger(__name__)
@@ -545,7 +547,7 @@ class CompressedIndex:
         own = keys[rows]
         k = min(self.policy.recall_k, n - 1)
         _, with_self = exact_search(mm, keys, queries, k + 1)
-        truth = _without_own(with_self, own, k)
+        truth = without_own(with_self, own, k)
         factors = sorted(set(self.compression.refine_factors))
         # Queries fall where the data is: the lists they probe are longer than the mean.
         nlist = int(faiss.extract_index_ivf(ivf).nlist)
@@ -563,7 +565,7 @@ class CompressedIndex:
             for factor in factors:
                 width = min(k * factor + 1, n)
                 _, found = _rerank(mm, table, queries, candidates[:, :width], k + 1)
-                recall = _recall(_without_own(found, own, k), truth)
+                recall = mean_recall(without_own(found, own, k), truth)
                 option = _Tuning(nprobe, factor, recall, scan_s + k * factor * RERANK_S_PER_ROW)
                 log.debug("nprobe %d refine %d: recall@%d %.3f", nprobe, factor, k, recall)
                 if recall >= self.policy.recall_target and (
@@ -790,23 +792,6 @@ def _top_k(scores: NDArray[np.float32], keys: Keys, k: int) -> tuple[NDArray[np.
         keys = np.pad(keys, ((0, 0), (0, pad)), constant_values=-1)
     keys = np.where(scores > MISSING_SCORE, keys, -1)
     return scores.astype(np.float32, copy=False), keys.astype(np.int64, copy=False)
-
-
-def _without_own(found: Keys, own: Keys, k: int) -> Keys:
-    """Each row's first ``k`` keys other than its query's own key (-1 pads a short row)."""
-    out = np.full((len(found), k), -1, dtype=np.int64)
-    for i, (row, key) in enumerate(zip(found, own, strict=True)):
-        others = row[row != key][:k]
-        out[i, : len(others)] = others
-    return out
-
-
-def _recall(found: Keys, truth: Keys) -> float:
-    hits = [
-        len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, int((t >= 0).sum()))
-        for f, t in zip(found, truth, strict=True)
-    ]
-    return float(np.mean(hits)) if hits else 1.0
 
 
 # -- helpers -------------------------------------------------------------------------------------

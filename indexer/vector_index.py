@@ -331,31 +331,35 @@ def _tune_nprobe(
     exact = faiss.IndexFlatIP(index.d)
     exact.add(vectors)
     _, truth_rows = exact.search(queries, k + 1)
-    truth = [
-        set(_others(keys[row], keys[own], k).tolist())
-        for row, own in zip(truth_rows, rows, strict=True)
-    ]
+    truth = without_own(keys[truth_rows], keys[rows], k)
     recall = 0.0
     for nprobe in nprobe_steps(index.nlist):
         params = faiss.SearchParametersIVF()
         params.nprobe = nprobe
         _, found = index.search(queries, k + 1, params=params)
-        recall = float(
-            np.mean(
-                [
-                    len(t & set(_others(f, keys[own], k).tolist())) / k
-                    for t, f, own in zip(truth, found, rows, strict=True)
-                ]
-            )
-        )
+        recall = mean_recall(without_own(found, keys[rows], k), truth)
         if recall >= policy.recall_target:
             return nprobe, recall
     return int(index.nlist), recall
 
 
-def _others(found: Keys, own: int, k: int) -> Keys:
-    """The first ``k`` keys of a result other than the query's own."""
-    return found[found != own][:k]
+def without_own(found: Keys, own: Keys, k: int) -> Keys:
+    """Each row's first ``k`` keys other than its query's own key (-1 pads a short row): a
+    tuner's sample queries are stored vectors, which find themselves for free."""
+    out = np.full((len(found), k), -1, dtype=np.int64)
+    for i, (row, key) in enumerate(zip(found, own, strict=True)):
+        others = row[row != key][:k]
+        out[i, : len(others)] = others
+    return out
+
+
+def mean_recall(found: Keys, truth: Keys) -> float:
+    """Mean over rows of the share of each row's true keys found (-1: no key)."""
+    hits = [
+        len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, int((t >= 0).sum()))
+        for f, t in zip(found, truth, strict=True)
+    ]
+    return float(np.mean(hits)) if hits else 1.0
 
 
 def nprobe_steps(nlist: int) -> list[int]:
