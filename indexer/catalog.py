@@ -383,6 +383,12 @@ class Catalog:
     def __len__(self) -> int:
         return self._scalar("SELECT COUNT(*) FROM items")
 
+    @property
+    def revision(self) -> int:
+        """A number that changes with every write this process makes to items, their filter
+        columns or alignment scores: cached search results compare it to know they are stale."""
+        return self._cache_version + self._alignment_writes
+
     def generation(self) -> int:
         """The count of committed writes that changed items (stamps the FAISS snapshots)."""
         return int(self._read("SELECT value FROM state WHERE name = 'generation'")[0][0])

@@ -44,9 +44,9 @@ from recommender.explore import ExploreConfig, Pick, make_page
 from recommender.feedback import Steerer, SteeringConfig, make_steerer, score_dwell
 from recommender.generate import Generator
 from recommender.rerank import RerankConfig, prompt_terms, rerank
-from recommender.retrieve import Filters, retrieve
+from recommender.retrieve import Candidates, Filters, retrieve
 from recommender.sessions import FeedbackEvent as StoredEvent
-from recommender.sessions import Served, Session, SessionConfig, SessionStore
+from recommender.sessions import Retrieved, Served, Session, SessionConfig, SessionStore
 from recommender.taste import TasteStore
 from recommender.terms import TERM_SPACE, term_matrix, term_vector
 from recommender.types import Vector, unit
@@ -77,6 +77,10 @@ class EngineConfig:
         default_factory=lambda: ImageLimits(max_bytes=20 * 2**20, max_pixels=40_000_000)
     )
     max_page: int = 100
+    # A page's search fetches this many times k per space; while the session's query stays
+    # put (a scroll without feedback), the following pages take their k nearest unseen items
+    # from that surplus instead of searching again. 1 searches for every page.
+    retrieval_depth: int = 2
 
     @property
     def page_size(self) -> int:
@@ -342,6 +346,7 @@ class Engine:
         session.query = dict(session.q0)
         session.steering = {space: self.steerer.init_state(v) for space, v in session.q0.items()}
         session.filters = filters or Filters()
+        session.retrieved.clear()
         session.primary = next(
             space for space in (self.primary_space, "clip", "text") if space in vectors
         )
@@ -416,17 +421,7 @@ class Engine:
         """The ``k`` nearest unseen, allowed items to the steered query in each query space,
         merged, and the ``k`` of them that match it best over all those spaces (re-ranking
         costs grow with the pool); best first, ``scores`` are cosines in the primary space."""
-        found = [
-            retrieve(
-                self.catalog,
-                space,
-                session.query[space],
-                k,
-                filters=session.filters,
-                seen=session.seen_keys,
-            )
-            for space in self._query_spaces(session)
-        ]
+        found = [self._nearest(session, space, k) for space in self._query_spaces(session)]
         if len(found) == 1:
             return _Pool(self.catalog, found[0].keys, found[0].scores)
         keys = np.unique(np.concatenate([c.keys for c in found]))
@@ -436,6 +431,33 @@ class Engine:
         )
         relevance = np.nan_to_num(self._query_similarity(session, merged), nan=-np.inf)
         return merged.take(np.argsort(-relevance, kind="stable")[:k])
+
+    def _nearest(self, session: Session, space: str, k: int) -> Candidates:
+        """The ``k`` nearest unseen, allowed items to the session's query in ``space``.
+
+        While the query stays where the session's previous search put it (a scroll without
+        feedback) and the catalog has not changed, they come from that search's surplus: the
+        seen set only grows, so its first ``k`` unseen items are what a new search would
+        return. A new search goes ``retrieval_depth`` times deeper, unless the query has just
+        moved: a steered session's next query moves again, so the surplus would go unused."""
+        query = session.query[space]
+        kept = session.retrieved.get(space)
+        revision = self.catalog.revision
+        moved = kept is not None and not np.array_equal(kept.query, query)
+        if kept is not None and not moved and kept.revision == revision:
+            seen = session.seen_keys
+            unseen = np.fromiter((key not in seen for key in kept.keys.tolist()), bool)
+            if kept.complete or np.count_nonzero(unseen) >= k:
+                at = np.flatnonzero(unseen)[:k]
+                return Candidates(kept.keys[at], kept.scores[at])
+        depth = k if moved else k * max(self.config.retrieval_depth, 1)
+        found = retrieve(
+            self.catalog, space, query, depth, filters=session.filters, seen=session.seen_keys
+        )
+        session.retrieved[space] = Retrieved(
+            query.copy(), revision, found.keys, found.scores, complete=len(found) < depth
+        )
+        return Candidates(found.keys[:k], found.scores[:k])
 
     def _query_similarity(self, session: Session, candidates: _Pool) -> NDArray[np.float64]:
         """How well each candidate matches the steered query: its cosine per query space,

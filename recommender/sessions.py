@@ -10,6 +10,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+from numpy.typing import NDArray
+
 from recommender.errors import UnknownSessionError
 from recommender.explore import PickKind
 from recommender.feedback import DwellConfig, DwellStats, SteeringState, new_dwell_stats
@@ -74,6 +77,19 @@ class FeedbackEvent:
     at: float
 
 
+@dataclass(frozen=True)
+class Retrieved:
+    """One space's search for a session: the query vector it ran with, the catalog revision
+    it saw, and what it found, best first. ``complete``: fewer items than asked qualified,
+    so nothing beyond these would come back either."""
+
+    query: Vector
+    revision: int
+    keys: NDArray[np.int64]
+    scores: NDArray[np.float32]
+    complete: bool
+
+
 @dataclass(eq=False)
 class Session:
     """Everything the recommender knows about one scroll.
@@ -109,6 +125,9 @@ class Session:
     filters: Filters = field(default_factory=Filters)
     primary: str = "visual"
     seen_keys: set[int] = field(default_factory=set)
+    # Per query space, the nearest items last retrieved, deeper than a page needs: the next
+    # pages come from them while the query stays where it was (the engine checks).
+    retrieved: dict[str, Retrieved] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
@@ -240,6 +259,7 @@ class SessionStore:
 __all__ = [
     "Clock",
     "FeedbackEvent",
+    "Retrieved",
     "Served",
     "Session",
     "SessionConfig",

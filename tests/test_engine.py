@@ -150,6 +150,56 @@ def test_an_item_query_never_returns_the_query_image(catalog: Catalog, ids: list
         assert query not in served and len(served) == 60
 
 
+def count_searches(catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ``k`` of every ``catalog.search`` call from now on."""
+    asked: list[int] = []
+    search = catalog.search
+
+    def spy(space: str, queries: Any, k: int, **kwargs: Any) -> Any:
+        asked.append(k)
+        return search(space, queries, k, **kwargs)
+
+    monkeypatch.setattr(catalog, "search", spy)
+    return asked
+
+
+def test_a_scroll_without_feedback_pages_from_one_deeper_search_with_the_same_pages(
+    catalog: Catalog, ids: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = count_searches(catalog, monkeypatch)
+
+    def pages(depth: int) -> list[list[tuple[str, str, float]]]:
+        engine = make_engine(catalog, seed=4, k=40, retrieval_depth=depth)
+        first = engine.search(ItemQuery(ids[9]))
+        return [[(i.id, i.pick, i.score) for i in p.items] for p in scroll(engine, first, 5)]
+
+    every_page = pages(depth=1)
+    searched_every_page = list(asked)
+    asked.clear()
+    assert pages(depth=2) == every_page  # the surplus holds exactly what a new search finds
+    assert len(searched_every_page) == 5 * 2  # two query spaces (visual, text) per page
+    # 80 deep: 20 served a page leaves the 40 a page needs for three more pages, then again.
+    assert asked == [80, 80, 80, 80]
+
+
+def test_a_moved_query_or_a_changed_catalog_searches_again(
+    catalog: Catalog, ids: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = count_searches(catalog, monkeypatch)
+    engine = make_engine(catalog, k=40, retrieval_depth=2)
+    first = engine.search(ItemQuery(ids[10]))
+    engine.feedback(first.session_id, events(first))
+    engine.feed(first.session_id)
+    # Steered: the query moved, so the search asks only for a page's worth (it moves again).
+    assert asked == [80, 80, 40, 40]
+    engine.feed(first.session_id)  # held still since: deep again, and the next page
+    engine.feed(first.session_id)  # comes from its surplus
+    assert asked[4:] == [80, 80]
+    monkeypatch.setattr(Catalog, "revision", property(lambda self: -1))  # a write happened
+    engine.feed(first.session_id)
+    assert asked[6:] == [80, 80]
+
+
 # --------------------------------------------------------------------------- determinism
 
 
