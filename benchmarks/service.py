@@ -214,6 +214,13 @@ class EngineShare:
     feed_cpu_ms_p99: float
     feed_wall_ms_p50: float
     feed_wall_ms_p99: float
+    feed_cpu_ms_mean: float = float("nan")
+    # A scroll without feedback takes most pages from an earlier, deeper search: the share of
+    # its pages that searched, and the baseline that searches for every page
+    # (retrieval_depth 1), measured call for call alongside.
+    feed_searched_share: float = float("nan")
+    every_page_cpu_ms_p50: float = float("nan")
+    every_page_cpu_ms_mean: float = float("nan")
     # Sessions that send dwell feedback after every page, as the web page does: their feed
     # pages score candidates against a steered posterior, and the feedback call steers.
     steered_feed_cpu_ms_p50: float = float("nan")
@@ -240,32 +247,41 @@ def reference_cpu_ms() -> float:
 
 def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int) -> EngineShare:
     """CPU and wall time of ``Engine.feed`` in this process (no HTTP), one call at a time:
-    first sessions that only scroll, then sessions that send a page's dwell times after each
-    page (log-normal, median 1.5 s), with the CPU of ``Engine.feedback`` on its own."""
+    first sessions that only scroll (alternating, call for call, with an engine that searches
+    for every page), then sessions that send a page's dwell times after each page
+    (log-normal, median 1.5 s), with the CPU of ``Engine.feedback`` on its own."""
     import uuid
 
     from recommender.api import FeedbackEvent, ItemQuery
-    from recommender.engine import Engine, one_blas_thread
+    from recommender.engine import Engine, EngineConfig, one_blas_thread
 
     one_blas_thread()  # as the service does
     rng = np.random.default_rng([seed, 3])
     engine = Engine.from_catalog(path, seed=seed)
+    every_page = Engine(engine.catalog, engine.encoders, EngineConfig(retrieval_depth=1), seed=seed)
+    searches = _count_searches(engine.catalog)
     try:
 
-        def start() -> list[str]:
-            starts = rng.integers(items, size=sessions)
-            return [engine.search(ItemQuery(f"b{i}")).session_id for i in starts]
+        def start(which: Engine, starts: NDArray[np.int64]) -> list[str]:
+            return [which.search(ItemQuery(f"b{i}")).session_id for i in starts]
 
-        ids = start()
-        cpu, wall, reference = [], [], []
+        starts = rng.integers(items, size=sessions)
+        ids, baseline_ids = start(engine, starts), start(every_page, starts)
+        cpu, wall, baseline, reference = [], [], [], []
+        searched = 0
         for n in range(calls):
             if n % 50 == 0:
                 reference.append(reference_cpu_ms())
+            before = searches[0]
             c0, w0 = time.process_time(), time.perf_counter()
             engine.feed(ids[n % len(ids)])
             cpu.append(time.process_time() - c0)
             wall.append(time.perf_counter() - w0)
-        ids = start()
+            searched += searches[0] > before
+            c0 = time.process_time()
+            every_page.feed(baseline_ids[n % len(ids)])
+            baseline.append(time.process_time() - c0)
+        ids = start(engine, rng.integers(items, size=sessions))
         steered, feedback = [], []
         for n in range(calls):
             if n % 50 == 0:
@@ -288,12 +304,29 @@ def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int)
         feed_cpu_ms_p99=_ms(cpu, 99),
         feed_wall_ms_p50=_ms(wall, 50),
         feed_wall_ms_p99=_ms(wall, 99),
+        feed_cpu_ms_mean=float(np.mean(cpu) * 1000),
+        feed_searched_share=searched / max(calls, 1),
+        every_page_cpu_ms_p50=_ms(baseline, 50),
+        every_page_cpu_ms_mean=float(np.mean(baseline) * 1000),
         steered_feed_cpu_ms_p50=_ms(steered, 50),
         steered_feed_cpu_ms_p99=_ms(steered, 99),
         feedback_cpu_ms_p50=_ms(feedback, 50),
         feedback_cpu_ms_p99=_ms(feedback, 99),
         reference_cpu_ms_p50=float(np.median(reference)),
     )
+
+
+def _count_searches(catalog: Any) -> list[int]:
+    """A counter, in a one-element list, of the catalog's index searches from now on."""
+    count = [0]
+    search = catalog.search
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return search(*args, **kwargs)
+
+    catalog.search = counted
+    return count
 
 
 def _ms(values: Sequence[float], q: float) -> float:
@@ -542,7 +575,9 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
         ("nprobe", 6),
         ("recall@100", 10),
         ("ann/exact ms", 13),
-        ("engine cpu p50/p99", 18),
+        ("engine cpu p50/mean/p99", 22),
+        ("pages searched", 14),
+        ("every page p50/mean", 19),
         ("steered feed/feedback p50", 25),
         ("ref ms", 6),
         ("max req/s", 9),
@@ -561,7 +596,10 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
             r.recall.nprobe or "-",
             f"{r.recall.recall_at_100:.3f}",
             f"{r.recall.ann_ms_per_query:.1f} / {r.recall.exact_ms_per_query:.1f}",
-            f"{r.engine.feed_cpu_ms_p50:.1f} / {r.engine.feed_cpu_ms_p99:.1f}",
+            f"{r.engine.feed_cpu_ms_p50:.1f} / {r.engine.feed_cpu_ms_mean:.1f} / "
+            f"{r.engine.feed_cpu_ms_p99:.1f}",
+            f"{r.engine.feed_searched_share:.0%}",
+            f"{r.engine.every_page_cpu_ms_p50:.1f} / {r.engine.every_page_cpu_ms_mean:.1f}",
             f"{r.engine.steered_feed_cpu_ms_p50:.1f} / {r.engine.feedback_cpu_ms_p50:.1f}",
             f"{r.engine.reference_cpu_ms_p50:.0f}",
             f"{r.max_throughput.rps:.0f}",
@@ -574,8 +612,11 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
             " ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, columns, strict=True))
         )
     print(
-        "latency in ms; ref ms: CPU of a fixed reference workload between engine calls (the "
-        "box's speed); open loops with Poisson arrivals (a queued request's wait counts); "
+        "latency in ms; pages searched: share of scroll pages that ran a new search (the rest "
+        "came from an earlier, deeper one); every page: the same scroll searching for every "
+        "page, measured call for call alongside; ref ms: CPU of a fixed reference workload "
+        "between engine calls (the box's speed); open loops with Poisson arrivals (a queued "
+        "request's wait counts); "
         f"errors: non-200 answers in the closed loop and the 70% loop; {_loadavg()}"
     )
 
