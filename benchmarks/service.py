@@ -477,8 +477,9 @@ def _load_result(latencies: list[float], errors: int, seconds: float) -> LoadRes
     )
 
 
-def start_server(path: Path, port: int) -> subprocess.Popen[bytes]:
+def start_server(path: Path, port: int, workers: int = 1) -> subprocess.Popen[bytes]:
     command = [sys.executable, __file__, "--serve", str(path), "--port", str(port)]
+    command += ["--workers", str(workers)]
     return wait_ready(subprocess.Popen(command, cwd=REPO), port)
 
 
@@ -502,14 +503,27 @@ def wait_ready(
     raise RuntimeError("the server did not become ready")
 
 
-def serve(path: Path, port: int) -> None:
-    """The server side: the real app over the catalog, rate limiting off, no access log."""
+def serve(path: Path, port: int, workers: int) -> None:
+    """The server side: the real app over the catalog, rate limiting off, no access log; with
+    ``workers`` > 1, as ``lookalike serve --workers`` runs it."""
     import uvicorn
 
     from service.app import create_app
     from service.settings import Settings
+    from service.workers import serve_workers
 
-    settings = Settings.model_validate({"catalog": path, "rate_limit_per_s": 0})
+    settings = Settings.model_validate(
+        {
+            "catalog": path,
+            "rate_limit_per_s": 0,
+            "host": "127.0.0.1",
+            "port": port,
+            "workers": workers,
+            "access_log": False,
+        }
+    )
+    if workers > 1:
+        sys.exit(serve_workers(settings))
     uvicorn.run(
         create_app(settings),
         host="127.0.0.1",
@@ -540,6 +554,9 @@ class SizeResult:
     feed_at_rate: LoadResult
     feed_at_70pct: LoadResult
     healthz_at_rate: LoadResult
+    # The same scroll served by ``--workers`` processes (None when 1), measured after.
+    workers_max_throughput: LoadResult | None = None
+    workers_at_70pct: LoadResult | None = None
 
 
 def run_size(items: int, args: argparse.Namespace) -> SizeResult:
@@ -565,7 +582,30 @@ def run_size(items: int, args: argparse.Namespace) -> SizeResult:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    return SizeResult(items, build_s, recall, engine, saturated, at_rate, at_70pct, health)
+    result = SizeResult(items, build_s, recall, engine, saturated, at_rate, at_70pct, health)
+    if args.workers > 1:
+        result.workers_max_throughput, result.workers_at_70pct = measure_workers(items, path, args)
+    return result
+
+
+def measure_workers(
+    items: int, path: Path, args: argparse.Namespace
+) -> tuple[LoadResult, LoadResult]:
+    """Max requests/s of the closed loop, and latency at 70 % of it, with ``args.workers``
+    serving processes."""
+    port = free_port()
+    server = start_server(path, port, args.workers)
+    try:
+        sessions = asyncio.run(create_sessions(port, args.sessions, items, args.seed))
+        feed_paths = [f"/v1/feed?session_id={s}" for s in sessions]
+        asyncio.run(closed_loop(port, sessions, args.concurrency, min(3.0, args.duration)))
+        saturated = asyncio.run(closed_loop(port, sessions, args.concurrency, args.duration))
+        carried = 0.7 * saturated.rps
+        at_70pct = asyncio.run(open_loop(port, feed_paths, carried, args.duration, args.seed))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return saturated, at_70pct
 
 
 def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
@@ -585,6 +625,8 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
         ("p50/p99 @70% max", 18),
         ("healthz p99", 11),
         ("errors", 6),
+        (f"{args.workers} workers: max req/s", 20),
+        ("p50/p99 @70% max", 16),
     )
     header = " ".join(f"{name:>{width}}" for name, width in columns)
     print(header)
@@ -606,7 +648,13 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
             f"{r.feed_at_rate.p50_ms:.0f} / {r.feed_at_rate.p99_ms:.0f}",
             f"{r.feed_at_70pct.p50_ms:.0f} / {r.feed_at_70pct.p99_ms:.0f}",
             f"{r.healthz_at_rate.p99_ms:.1f}",
-            r.max_throughput.errors + r.feed_at_70pct.errors,
+            r.max_throughput.errors
+            + r.feed_at_70pct.errors
+            + sum(w.errors for w in (r.workers_max_throughput, r.workers_at_70pct) if w),
+            f"{r.workers_max_throughput.rps:.0f}" if r.workers_max_throughput else "-",
+            f"{r.workers_at_70pct.p50_ms:.0f} / {r.workers_at_70pct.p99_ms:.0f}"
+            if r.workers_at_70pct
+            else "-",
         )
         print(
             " ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, columns, strict=True))
@@ -617,7 +665,8 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
         "page, measured call for call alongside; ref ms: CPU of a fixed reference workload "
         "between engine calls (the box's speed); open loops with Poisson arrivals (a queued "
         "request's wait counts); "
-        f"errors: non-200 answers in the closed loop and the 70% loop; {_loadavg()}"
+        "errors: non-200 answers in the closed loops and the 70% loops; N workers: the same "
+        f"scroll served by `serve --workers N`; {_loadavg()}"
     )
 
 
@@ -641,6 +690,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=12, help="intrinsic dimension of vectors")
     parser.add_argument("--noise", type=float, default=0.2, help="isotropic noise per dimension")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="serving processes for the second load run"
+    )
     parser.add_argument("--cache", type=Path, default=REPO / "benchmarks/out/catalogs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/out/service.json")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
@@ -652,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.serve else logging.INFO)
     if args.serve:
-        serve(args.serve, args.port)
+        serve(args.serve, args.port, args.workers)
         return
     sizes = [int(s) for s in args.items.split(",") if s.strip()]
     results = [run_size(items, args) for items in sizes]

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LookalikeError(Exception):
     """Base class of every error lookalike raises on purpose."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with its attributes rather than through __init__ (whose arguments differ
+        # from ``args`` in subclasses): errors cross from one serving process to another.
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(cls: type[LookalikeError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class DumpError(LookalikeError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -240,7 +239,7 @@ def _connect(config: StoreConfig, catalog_dir: Path, space: str) -> tuple[Milvus
     from indexer.vector_store import MILVUS_LITE_FILE
 
     uri = config.uri or str(catalog_dir / MILVUS_LITE_FILE)
-    lite = re.match(r"^[a-z][a-z0-9+.-]*://", uri) is None
+    lite = config.milvus_lite
     if not config.collection_prefix:
         raise CatalogError("A Milvus catalog needs a collection prefix in its manifest")
     try:

@@ -117,6 +117,13 @@ class StoreConfig:
                 "or underscore and hold only letters, digits and underscores."
             )
 
+    @property
+    def milvus_lite(self) -> bool:
+        """A Milvus store in a local file: Milvus Lite, run inside the process that opens it."""
+        return self.kind == "milvus" and (
+            self.uri is None or re.match(r"^[a-z][a-z0-9+.-]*://", self.uri) is None
+        )
+
     def for_new_catalog(self) -> StoreConfig:
         """This config with what a new catalog fixes for good (its collections' prefix)."""
         if self.kind != "milvus" or self.collection_prefix:

@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -39,14 +40,26 @@ from recommender.api import (
     Query,
     SessionInfo,
 )
-from recommender.errors import UnknownItemError, UnsupportedQueryError
+from recommender.errors import (
+    SessionOwnerUnavailableError,
+    UnknownItemError,
+    UnsupportedQueryError,
+)
 from recommender.explore import ExploreConfig, Pick, make_page
 from recommender.feedback import Steerer, SteeringConfig, make_steerer, score_dwell
 from recommender.generate import Generator
 from recommender.rerank import RerankConfig, prompt_terms, rerank
 from recommender.retrieve import Candidates, Filters, retrieve
 from recommender.sessions import FeedbackEvent as StoredEvent
-from recommender.sessions import Retrieved, Served, Session, SessionConfig, SessionStore
+from recommender.sessions import (
+    Retrieved,
+    Served,
+    Session,
+    SessionConfig,
+    SessionOwners,
+    SessionStore,
+    new_session_id,
+)
 from recommender.taste import TasteStore
 from recommender.terms import TERM_SPACE, term_matrix, term_vector
 from recommender.types import Vector, unit
@@ -100,7 +113,11 @@ def one_blas_thread() -> None:
 
 
 class Engine:
-    """Recommendation over one catalog. Thread-safe: each session has its own lock."""
+    """Recommendation over one catalog. Thread-safe: each session has its own lock.
+
+    With ``owners`` (several serving processes over one catalog), a call for a session that
+    another process holds runs there: the session-bound methods forward it first thing.
+    """
 
     def __init__(
         self,
@@ -112,13 +129,19 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
         taste: TasteStore | None = None,
+        owners: SessionOwners | None = None,
     ) -> None:
         self.catalog = catalog
         self.encoders = dict(encoders)
         self.config = config or EngineConfig()
         self.generator = generator
         self.taste = taste  # known users' sessions start from their taste (recommender/taste.py)
-        self.sessions = SessionStore(self.config.sessions, clock=clock)
+        self.owners = owners
+        self.sessions = SessionStore(
+            self.config.sessions,
+            clock=clock,
+            new_id=owners.new_session_id if owners is not None else new_session_id,
+        )
         self.steerer: Steerer = make_steerer(self.config.steering)
         self._seed = np.random.SeedSequence(seed)
         self._clock = clock
@@ -140,6 +163,7 @@ class Engine:
         seed: int | None = None,
         store: StoreConfig | None = None,
         policy: IndexPolicy | None = None,
+        owners: SessionOwners | None = None,
     ) -> Engine:
         """Open the catalog at ``path`` with the encoders its manifest records (``store``:
         where its Milvus server is, when it keeps its vectors there)."""
@@ -152,6 +176,7 @@ class Engine:
             generator=generator,
             seed=seed,
             taste=TasteStore.for_catalog(path),
+            owners=owners,
         )
 
     # -- description ----------------------------------------------------------------------
@@ -185,6 +210,9 @@ class Engine:
 
     # -- sessions -------------------------------------------------------------------------
     def create_session(self, user_id: str | None = None) -> str:
+        started, session_id = self._start_elsewhere("create_session", user_id)
+        if started:
+            return str(session_id)
         return self._new_session(user_id).id
 
     def _new_session(self, user_id: str | None) -> Session:
@@ -194,6 +222,9 @@ class Engine:
         return session
 
     def session_info(self, session_id: str) -> SessionInfo:
+        if (owners := self._elsewhere(session_id)) is not None:
+            info: SessionInfo = owners.call(session_id, "session_info", session_id)
+            return info
         session = self.sessions.get(session_id)
         with session.lock:
             return SessionInfo(
@@ -206,12 +237,38 @@ class Engine:
 
     def mute(self, session_id: str, term: str) -> None:
         """ "Less of this": the term stops pulling the feed and pushes matching items down."""
+        if (owners := self._elsewhere(session_id)) is not None:
+            owners.call(session_id, "mute", session_id, term)
+            return
         session = self.sessions.get(session_id)
         with session.lock:
             session.vocabulary.mute(term)
 
     def delete_session(self, session_id: str) -> None:
+        if (owners := self._elsewhere(session_id)) is not None:
+            owners.call(session_id, "delete_session", session_id)
+            return
         self.sessions.delete(session_id)
+
+    def _start_elsewhere(self, method: str, *args: Any, **kwargs: Any) -> tuple[bool, Any]:
+        """(True, its result) when ``method``, which starts a new session, ran in the other
+        serving process the session should live in; (False, None) when it is to run here."""
+        owners = self.owners
+        home = owners.home_for_new_session() if owners is not None else None
+        if owners is None or home is None:
+            return False, None
+        try:
+            return True, owners.call_in(home, method, *args, **kwargs)
+        except SessionOwnerUnavailableError:
+            log.warning("worker %d did not answer: the new session starts here", home)
+            return False, None
+
+    def _elsewhere(self, session_id: str) -> SessionOwners | None:
+        """``owners`` when another serving process holds this session, else None."""
+        owners = self.owners
+        if owners is None or owners.owns(session_id):
+            return None
+        return owners
 
     # -- items ----------------------------------------------------------------------------
     def item(self, image_id: str) -> CatalogItem:
@@ -235,6 +292,15 @@ class Engine:
         limit: int | None = None,
     ) -> Page:
         """Start (or restart) a session's scroll from ``query`` and return its first page."""
+        if session_id is not None and (owners := self._elsewhere(session_id)) is not None:
+            page: Page = owners.call(
+                session_id, "search", query, session_id=session_id, filters=filters, limit=limit
+            )
+            return page
+        if session_id is None:
+            started, page = self._start_elsewhere("search", query, filters=filters, limit=limit)
+            if started:
+                return page
         vectors, prompt, tags, exclude_id = self._embed_query(query)
         session = self.sessions.get(session_id) if session_id else self._new_session(user_id=None)
         with session.lock:
@@ -245,6 +311,9 @@ class Engine:
 
     def feed(self, session_id: str, limit: int | None = None) -> Page:
         """The next page of a session's scroll; never repeats an item."""
+        if (owners := self._elsewhere(session_id)) is not None:
+            page: Page = owners.call(session_id, "feed", session_id, limit)
+            return page
         session = self.sessions.get(session_id)
         with session.lock:
             if not session.query:
@@ -253,6 +322,9 @@ class Engine:
 
     def feedback(self, session_id: str, events: Sequence[FeedbackEvent]) -> FeedbackResult:
         """Store dwell events durably (idempotent by event_id), then steer the session."""
+        if (owners := self._elsewhere(session_id)) is not None:
+            result: FeedbackResult = owners.call(session_id, "feedback", session_id, events)
+            return result
         session = self.sessions.get(session_id)
         fresh, duplicates = self.catalog.record_feedback(
             session.id,

@@ -36,3 +36,7 @@ class UnknownItemError(RecommenderError):
 
 class UnsupportedQueryError(RecommenderError):
     """The query needs something this catalog lacks (e.g. a CLIP space for an embedding)."""
+
+
+class SessionOwnerUnavailableError(RecommenderError):
+    """The serving process that holds a session did not answer (it stopped or restarts)."""

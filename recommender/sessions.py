@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -162,16 +163,49 @@ class Session:
         self.n_feedback += 1
 
 
+class SessionOwners(Protocol):
+    """Which serving process holds a session, when several serve one catalog
+    (``service/workers.py``): a session lives in one process, and its id says which."""
+
+    def owns(self, session_id: str) -> bool:
+        """True when this process holds the session with this id."""
+        ...
+
+    def new_session_id(self) -> str:
+        """A fresh unguessable id that names this process as the owner."""
+        ...
+
+    def call(self, session_id: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Run the engine's ``method`` in the process that holds the session; its result, or
+        the error it raised."""
+        ...
+
+    def home_for_new_session(self) -> int | None:
+        """Where the next new session should live: None for this process, else the index of
+        another (new sessions are spread over the processes, whichever one a client reached)."""
+        ...
+
+    def call_in(self, process: int, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Run the engine's ``method`` in process ``process``, as ``call`` does."""
+        ...
+
+
 class SessionStore:
     """In-process sessions, bounded by idle TTL and by count (least recently used evicted).
 
     Thread-safe: one lock guards the table (each session has its own lock for its state).
-    ``clock`` is injected so that tests control time.
+    ``clock`` is injected so that tests control time; ``new_id`` makes session ids.
     """
 
-    def __init__(self, config: SessionConfig | None = None, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: SessionConfig | None = None,
+        clock: Clock = time.monotonic,
+        new_id: Callable[[], str] = new_session_id,
+    ) -> None:
         self.config = config or SessionConfig()
         self._clock = clock
+        self._new_id = new_id
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
 
@@ -180,7 +214,7 @@ class SessionStore:
         cfg = self.config
         now = self._clock()
         session = Session(
-            id=new_session_id(),
+            id=self._new_id(),
             user_id=user_id,
             created=now,
             last_used=now,
@@ -263,6 +297,7 @@ __all__ = [
     "Served",
     "Session",
     "SessionConfig",
+    "SessionOwners",
     "SessionStore",
     "new_session_id",
 ]

@@ -8,6 +8,7 @@ is given, which the caller then owns) and every blocking engine call runs in the
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from recommender.engine import Engine, one_blas_thread
 from recommender.generate import make_generator
+from recommender.sessions import SessionOwners
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import (
@@ -67,8 +69,9 @@ class JsonLogFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
-def configure_logging(*, json_lines: bool) -> None:
-    """Serve-time logging: the service's own INFO lines (access log) on, JSON lines if asked."""
+def configure_logging(*, json_lines: bool, access_log: bool = True) -> None:
+    """Serve-time logging: the service's own INFO lines (and its access log, unless turned
+    off) on, JSON lines if asked."""
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.WARNING)
@@ -77,11 +80,14 @@ def configure_logging(*, json_lines: bool) -> None:
             handler.setFormatter(JsonLogFormatter())
     if logging.getLogger("service").getEffectiveLevel() > logging.INFO:
         logging.getLogger("service").setLevel(logging.INFO)
+    if not access_log:
+        logging.getLogger("service.access").setLevel(logging.WARNING)
 
 
-def open_engine(settings: Settings) -> Engine:
+def open_engine(settings: Settings, owners: SessionOwners | None = None) -> Engine:
     """Open the catalog at ``settings.catalog`` with the encoders its manifest records, and
-    the generator the settings ask for."""
+    the generator the settings ask for (``owners``: this is one of several serving
+    processes, see ``service/workers.py``)."""
     diffusers_config = None
     if settings.generator == "diffusers":
         from recommender.generate_diffusers import DiffusersConfig
@@ -97,7 +103,25 @@ def open_engine(settings: Settings) -> Engine:
         generator=generator,
         store=settings.store_config(),
         policy=settings.index_policy(),
+        owners=owners,
     )
+
+
+def serve_engine(settings: Settings, engine: Engine, sock: socket.socket | None = None) -> None:
+    """Serve the API over ``engine`` until told to stop, on ``settings.host``/``port`` or on
+    ``sock`` (a listening socket several worker processes share)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(settings, engine),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,  # ours has no client address and no query string
+        proxy_headers=False,  # X-Forwarded-For is read by the app when trusted
+        server_header=False,
+    )
+    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
 
 
 def _version() -> str:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from indexer.errors import LookalikeError
+from indexer.errors import CatalogError, LookalikeError
 from service.settings import Settings
 
 log = logging.getLogger("lookalike")
@@ -246,12 +246,20 @@ def serve(
     ] = None,
     generator: GeneratorOption = None,
     milvus_uri: MilvusUriOption = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Serving processes, for more than one core's worth of pages a second; each "
+            "holds the catalog's indexes in memory [env LOOKALIKE_WORKERS, default 1]"
+        ),
+    ] = None,
 ) -> None:
     """Serve the HTTP API (and web page) over a catalog."""
     settings = settings_from(
         catalog=catalog,
         host=host,
         port=port,
+        workers=workers,
         device=device,
         dtype=dtype,
         generator=generator,
@@ -438,29 +446,35 @@ def taste_show(
 
 
 def run_server(settings: Settings, what: str) -> None:
-    """Open the engine (errors surface here, before listening), then serve until interrupted."""
-    import uvicorn
+    """Open the engine (errors surface here, before listening), then serve until interrupted:
+    in this process, or in ``settings.workers`` worker processes that open it again."""
+    from service.app import configure_logging, open_engine, serve_engine
+    from service.workers import serve_workers
 
-    from service.app import configure_logging, create_app, open_engine
-
-    configure_logging(json_lines=settings.log_json)
+    configure_logging(json_lines=settings.log_json, access_log=settings.access_log)
     engine = open_engine(settings)
     try:
         engine.load()  # a missing model is reported here, before the port is opened
+        if settings.workers > 1 and engine.catalog.store.milvus_lite:
+            raise CatalogError(
+                "this catalog keeps its vectors in Milvus Lite, a file only one process can "
+                "open: serve it with --workers 1, or from a Milvus server (--milvus-uri)"
+            )
         items = engine.stats().get("items", 0)
         url = f"http://{_url_host(settings.host)}:{settings.port}"
-        typer.echo(f"lookalike: serving {what} ({items} images) at {url}  (API docs: {url}/docs)")
-        uvicorn.run(
-            create_app(settings, engine),
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            access_log=False,  # ours has no client address and no query string
-            proxy_headers=False,  # X-Forwarded-For is read by the app when trusted
-            server_header=False,
+        workers = f", {settings.workers} worker processes" if settings.workers > 1 else ""
+        typer.echo(
+            f"lookalike: serving {what} ({items} images{workers}) at {url}  (API docs: {url}/docs)"
         )
+        if settings.workers == 1:
+            serve_engine(settings, engine)
+            return
     finally:
         engine.close()
+    # Each worker opens the catalog again (checked, and upgraded if it needed it, above).
+    status = serve_workers(settings)
+    if status:
+        raise typer.Exit(status)
 
 
 def _url_host(host: str) -> str:

@@ -24,7 +24,12 @@ from indexer.errors import (
     LookalikeError,
     ModelNotFoundError,
 )
-from recommender.errors import UnknownItemError, UnknownSessionError, UnsupportedQueryError
+from recommender.errors import (
+    SessionOwnerUnavailableError,
+    UnknownItemError,
+    UnknownSessionError,
+    UnsupportedQueryError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,8 @@ def status_for(exc: LookalikeError) -> tuple[int, str]:
         return 422, "unsupported_query"
     if isinstance(exc, DiskFullError):
         return 507, "disk_full"
+    if isinstance(exc, SessionOwnerUnavailableError):
+        return 503, "worker_unavailable"
     if isinstance(exc, CatalogError | ModelNotFoundError):
         return 503, "catalog_unavailable"
     return 400, "bad_request"

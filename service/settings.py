@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from indexer.vector_index import IndexPolicy
@@ -45,6 +45,13 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="serving processes; each holds the catalog's indexes in memory and the "
+        "sessions whose ids name it (service/workers.py)",
+    )
 
     # -- HTTP service -------------------------------------------------------------------------
     max_upload_bytes: int = Field(
@@ -80,6 +87,9 @@ class Settings(BaseSettings):
     image_url_timeout_s: float = Field(default=10.0, gt=0, le=120)
     image_url_max_redirects: int = Field(default=3, ge=0, le=10)
     log_json: bool = Field(default=True, description="structured (JSON lines) logs from `serve`")
+    access_log: bool = Field(
+        default=True, description="a log line per request: method, route, status, duration"
+    )
 
     # -- generation fallback (recommender/generate.py) ----------------------------------------
     generator: Literal["none", "sample", "diffusers"] = Field(
@@ -119,6 +129,15 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @model_validator(mode="after")
+    def _one_worker_generates(self) -> Settings:
+        if self.workers > 1 and self.generator != "none":
+            raise ValueError(
+                "generation needs a single worker (a generated image enters the index of the "
+                "process that made it only): use --workers 1, or --generator none"
+            )
+        return self
 
     @field_validator("cors_origins")
     @classmethod

@@ -13,12 +13,9 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +45,7 @@ from indexer.errors import DiskFullError
 from indexer.pipeline import PipelineConfig, index_dump
 from indexer.sample_dump import write_sample_dump
 from indexer.storage import STALE_TEMP_S
+from tests.cli_helpers import serving
 from tests.fakes import fake_encoders, specs
 
 
@@ -290,47 +288,6 @@ def test_full_disk_while_writing_faiss_snapshots(
 
 
 # =========================================================================== killed server
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serving(catalog: Path, log: Path) -> Iterator[tuple[str, int]]:
-    """`lookalike serve` over ``catalog`` on a free loopback port, rate limit off; its URL and
-    process id."""
-    port = free_port()
-    script = Path(sys.executable).with_name("lookalike")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-    command += ["serve", "--catalog", str(catalog), "--host", "127.0.0.1", "--port", str(port)]
-    env = dict(os.environ, LOOKALIKE_RATE_LIMIT_PER_S="0", HF_HUB_OFFLINE="1")
-    with open(log, "ab") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "the server did not become ready"
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"{url}/readyz", timeout=2) as answer,
-            ):
-                if answer.status == 200:
-                    break
-            time.sleep(0.1)
-        yield url, server.pid
-    finally:
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
 
 
 @dataclass

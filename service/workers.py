@@ -1,0 +1,261 @@
+"""More than one serving process over one catalog: ``lookalike serve --workers N``.
+
+One Python process builds one page at a time (the GIL), so it uses about one core whatever its
+thread count. Here N worker processes share the listening socket (the kernel hands each new
+connection to one of them), and each opens the catalog and holds its indexes in memory.
+
+A session lives in one worker: the one its id names, ``crc32(id) mod N``. A worker makes ids
+that name itself, and a call for another worker's session (feed, feedback, a search that
+restarts it, its info, mute, delete) runs in the owner: the engine forwards it over a Unix
+socket (``multiprocessing.connection``, authenticated by a key made at start-up) and returns
+what the owner answered or raises what it raised. Feedback is stored by the owner, in the
+catalog's SQLite, as with one process.
+
+Not shared between workers: ``/metrics`` (each answers for itself), rate-limit buckets (a client
+gets at most N times its limit), and generation, which is refused with more than one worker:
+a generated image would enter one worker's index only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection, Listener, wait
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from recommender.engine import Engine
+from recommender.errors import SessionOwnerUnavailableError
+from recommender.sessions import new_session_id
+from service.app import configure_logging, open_engine, serve_engine
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# What a worker runs for another: the engine's session-bound methods, nothing else.
+FORWARDED = frozenset(
+    {"create_session", "search", "feed", "feedback", "session_info", "mute", "delete_session"}
+)
+STOP_GRACE_S = 30.0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Worker ``index`` of ``count``: which sessions it holds and where its peers listen."""
+
+    index: int
+    count: int
+    run_dir: Path
+    authkey: bytes
+
+    def owner(self, session_id: str) -> int:
+        return zlib.crc32(session_id.encode()) % self.count
+
+    def address(self, index: int) -> str:
+        return str(self.run_dir / f"worker-{index}.sock")
+
+
+class PeerOwners:
+    """``SessionOwners`` for worker processes: ownership by id, calls forwarded to the owner.
+
+    Each peer gets a pool of open connections (a connection carries one call at a time).
+    """
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self._idle: dict[int, list[Connection]] = {}
+        self._lock = threading.Lock()
+        self._next_home = itertools.count(shard.index)
+        self._answering = threading.local()  # set in threads that run a peer's calls
+
+    def owns(self, session_id: str) -> bool:
+        return self.shard.owner(session_id) == self.shard.index
+
+    def new_session_id(self) -> str:
+        # Rejection sampling keeps the id uniform among those naming this worker: it loses
+        # log2(N) of its 192 random bits.
+        while True:
+            session_id = new_session_id()
+            if self.owns(session_id):
+                return session_id
+
+    def home_for_new_session(self) -> int | None:
+        # Round robin from each worker: a client that sends all its searches over one
+        # connection (to one worker) still spreads its sessions, and their pages, over all.
+        # A call a peer sent here stays here, or it could be sent on and on.
+        if getattr(self._answering, "active", False):
+            return None
+        with self._lock:
+            home = next(self._next_home) % self.shard.count
+        return None if home == self.shard.index else home
+
+    @contextlib.contextmanager
+    def answering_a_peer(self) -> Iterator[None]:
+        self._answering.active = True
+        try:
+            yield
+        finally:
+            self._answering.active = False
+
+    def call(self, session_id: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        return self.call_in(self.shard.owner(session_id), method, *args, **kwargs)
+
+    def call_in(self, owner: int, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        try:
+            conn = self._connection(owner)
+            conn.send((method, args, kwargs))
+            ok, value = conn.recv()
+        except (OSError, EOFError) as exc:
+            raise SessionOwnerUnavailableError(
+                f"the worker holding this session (worker {owner}) did not answer"
+            ) from exc
+        with self._lock:
+            self._idle.setdefault(owner, []).append(conn)
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        with self._lock:
+            for conns in self._idle.values():
+                for conn in conns:
+                    conn.close()
+            self._idle.clear()
+
+    def _connection(self, owner: int) -> Connection:
+        with self._lock:
+            idle = self._idle.get(owner)
+            if idle:
+                return idle.pop()
+        return Client(self.shard.address(owner), family="AF_UNIX", authkey=self.shard.authkey)
+
+
+class PeerServer:
+    """Answers the forwarded calls of the other workers with this worker's engine."""
+
+    def __init__(self, shard: Shard, engine: Engine, owners: PeerOwners) -> None:
+        self._engine = engine
+        self._owners = owners
+        self._listener = Listener(
+            shard.address(shard.index), family="AF_UNIX", authkey=shard.authkey
+        )
+        self._thread = threading.Thread(target=self._accept, name="peer-server", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn = self._listener.accept()
+            except OSError:
+                return  # closed
+            except Exception:  # noqa: BLE001 - a failed handshake must not stop the listener
+                log.warning("a peer connection failed its handshake", exc_info=True)
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: Connection) -> None:
+        with conn:
+            while True:
+                try:
+                    method, args, kwargs = conn.recv()
+                except (EOFError, OSError):
+                    return
+                conn.send(self._run(method, args, kwargs))
+
+    def _run(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
+        if method not in FORWARDED:
+            return False, SessionOwnerUnavailableError(f"{method!r} is not forwarded")
+        try:
+            with self._owners.answering_a_peer():
+                return True, getattr(self._engine, method)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the caller raises it, as if it ran there
+            return False, exc
+
+
+def serve_workers(settings: Settings) -> int:
+    """Run ``settings.workers`` worker processes on one listening socket until a signal (or
+    a worker's unexpected exit); returns the exit status."""
+    sock = _listening_socket(settings.host, settings.port)
+    run_dir = Path(tempfile.mkdtemp(prefix="lookalike-workers-"))  # mode 0700
+    authkey = os.urandom(32)
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(
+            target=_worker_main,
+            args=(settings, Shard(i, settings.workers, run_dir, authkey), sock),
+            name=f"lookalike-worker-{i}",
+        )
+        for i in range(settings.workers)
+    ]
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+        for worker in workers:
+            if worker.pid is not None and worker.exitcode is None:
+                os.kill(worker.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for worker in workers:
+            worker.start()
+        sock.close()  # the workers hold it now
+        wait([worker.sentinel for worker in workers])  # until the first one exits
+        if not stopping.is_set():
+            log.error("a worker exited (%s): stopping the others", _statuses(workers))
+            stop(signal.SIGTERM, None)
+            stopping.clear()  # not a requested stop: the exit status says so
+        for worker in workers:
+            worker.join(STOP_GRACE_S)
+            if worker.exitcode is None:
+                worker.kill()
+                worker.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    clean = stopping.is_set() and all(w.exitcode in (0, -signal.SIGTERM) for w in workers)
+    return 0 if clean else 1
+
+
+def _worker_main(settings: Settings, shard: Shard, sock: socket.socket) -> None:
+    configure_logging(json_lines=settings.log_json, access_log=settings.access_log)
+    owners = PeerOwners(shard)
+    engine = open_engine(settings, owners=owners)
+    peers = PeerServer(shard, engine, owners)
+    try:
+        engine.load()
+        peers.start()
+        serve_engine(settings, engine, sock)
+    finally:
+        peers.close()
+        owners.close()
+        engine.close()
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _statuses(workers: list[Any]) -> str:
+    return ", ".join(f"{w.name}: {w.exitcode}" for w in workers if w.exitcode is not None)

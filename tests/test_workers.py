@@ -1,0 +1,171 @@
+"""Several serving processes over one catalog: session ownership by id, calls forwarded to the
+owner over the peer sockets, errors carried back whole, and `lookalike serve --workers 2`."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from indexer.catalog import Catalog
+from indexer.errors import ImageRejected
+from recommender.api import FeedbackEvent, ItemQuery
+from recommender.engine import Engine
+from recommender.errors import SessionOwnerUnavailableError, UnknownSessionError
+from service.workers import PeerOwners, PeerServer, Shard
+from tests.cli_helpers import serving
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    # Short: a Unix socket path must fit in 108 bytes, which pytest's tmp_path may not.
+    path = Path(tempfile.mkdtemp(prefix="lk-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def catalog(pixels_catalog: Path, tmp_path: Path) -> Iterator[Catalog]:
+    shutil.copytree(pixels_catalog, tmp_path / "catalog")  # feedback writes to it
+    with Catalog.open(tmp_path / "catalog") as opened:
+        yield opened
+
+
+def shards(run_dir: Path, count: int) -> list[Shard]:
+    key = b"k" * 32
+    return [Shard(i, count, run_dir, key) for i in range(count)]
+
+
+def two_workers(catalog: Catalog, run_dir: Path) -> tuple[Engine, Engine, list[PeerServer]]:
+    """Two workers' engines over one catalog in this process, each answering its peer."""
+    engines, servers = [], []
+    for shard in shards(run_dir, 2):
+        owners = PeerOwners(shard)
+        engines.append(Engine(catalog, {}, owners=owners, seed=0))
+        servers.append(PeerServer(shard, engines[-1], owners))
+        servers[-1].start()
+    return engines[0], engines[1], servers
+
+
+def test_a_worker_makes_ids_that_name_it(run_dir: Path) -> None:
+    for shard in shards(run_dir, 3):
+        owners = PeerOwners(shard)
+        ids = {owners.new_session_id() for _ in range(50)}
+        assert len(ids) == 50 and all(len(i) == 32 for i in ids)
+        assert {shard.owner(i) for i in ids} == {shard.index}
+        assert all(owners.owns(i) for i in ids)
+
+
+def test_domain_errors_cross_processes_whole() -> None:
+    rejected = pickle.loads(pickle.dumps(ImageRejected("too_large", "18000 x 18000 pixels")))
+    assert (rejected.reason, str(rejected)) == ("too_large", "18000 x 18000 pixels")
+    unknown = pickle.loads(pickle.dumps(UnknownSessionError("abc")))
+    assert unknown.session_id == "abc" and str(unknown) == str(UnknownSessionError("abc"))
+
+
+def test_a_call_for_another_workers_session_runs_in_that_worker(
+    catalog: Catalog, run_dir: Path
+) -> None:
+    owner, other, servers = two_workers(catalog, run_dir)
+    try:
+        ids = [item.id for item in catalog.iter_items()]
+        page = owner.search(ItemQuery(ids[0]))
+        session_id = page.session_id
+        assert owner.owners is not None and owner.owners.owns(session_id)
+
+        # Every session-bound call made in the other worker runs in the owner.
+        second_page = other.feed(session_id)
+        assert second_page.items and second_page.session_id == session_id
+        assert not {i.id for i in page.items} & {i.id for i in second_page.items}
+        events = [FeedbackEvent(uuid.uuid4().hex, i.id, 2_500.0) for i in second_page.items]
+        assert other.feedback(session_id, events).accepted == len(events)
+        assert other.session_info(session_id).served == len(page.items) + len(second_page.items)
+        assert owner.session_info(session_id).feedback_events == len(events)
+        restarted = other.search(ItemQuery(ids[1]), session_id=session_id)
+        assert restarted.session_id == session_id
+        assert len(other.sessions) == 0 and len(owner.sessions) == 1
+
+        # The owner's errors come back as the same errors.
+        other.delete_session(session_id)
+        with pytest.raises(UnknownSessionError) as missing:
+            other.feed(session_id)
+        assert missing.value.session_id == session_id
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_new_sessions_are_spread_over_the_workers_whichever_one_was_asked(
+    catalog: Catalog, run_dir: Path
+) -> None:
+    first, second, servers = two_workers(catalog, run_dir)
+    try:
+        item = next(iter(catalog.iter_items())).id
+        made = [first.create_session() for _ in range(4)]
+        made += [first.search(ItemQuery(item)).session_id for _ in range(4)]
+        assert len(first.sessions) == len(second.sessions) == 4
+        assert all(second.feed(session_id).session_id == session_id for session_id in made)
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_an_owner_that_does_not_answer_is_reported_as_such(catalog: Catalog, run_dir: Path) -> None:
+    first, second = shards(run_dir, 2)
+    owner = Engine(catalog, {}, owners=PeerOwners(first), seed=0)
+    other = Engine(catalog, {}, owners=PeerOwners(second), seed=0)
+    session_id = owner.create_session()  # its worker has no peer server: it is down
+    with pytest.raises(SessionOwnerUnavailableError, match="worker 0"):
+        other.feed(session_id)
+
+
+def test_serve_with_two_workers_scrolls_from_any_connection_and_stops_cleanly(
+    pixels_catalog: Path, tmp_path: Path
+) -> None:
+    catalog = tmp_path / "catalog"
+    shutil.copytree(pixels_catalog, catalog)
+    with Catalog.open(catalog) as cat:
+        ids = [item.id for item in cat.iter_items()]
+    log = tmp_path / "server.log"
+    exits: list[int | None] = []
+    with serving(catalog, log, "--workers", "2", exits=exits) as (url, _):
+        sessions = []
+        for image_id in ids[:6]:  # each request on a new connection: any worker may take it
+            answer = httpx.post(f"{url}/v1/search", json={"image_id": image_id, "limit": 5})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            sessions.append((body["session_id"], [item["id"] for item in body["items"]]))
+        for session_id, served in sessions:
+            for _ in range(3):
+                page = httpx.get(f"{url}/v1/feed", params={"session_id": session_id, "limit": 5})
+                assert page.status_code == 200, page.text
+                served += [item["id"] for item in page.json()["items"]]
+                events = [
+                    {"event_id": uuid.uuid4().hex, "image_id": i, "dwell_ms": 1800.0}
+                    for i in served[-5:]
+                ]
+                sent = httpx.post(
+                    f"{url}/v1/feedback", json={"session_id": session_id, "events": events}
+                )
+                assert sent.status_code == 202, sent.text
+            assert len(served) == len(set(served)) == 20  # never a repeat, whoever answered
+    text = log.read_text()
+    assert exits == [0], text[-3000:]  # SIGTERM: the workers stopped, and the parent cleanly
+    assert text.count('"message":"serving catalog') == 2  # both workers served
+    assert "Traceback" not in text and "worker exited" not in text
+
+
+def test_generation_needs_a_single_worker() -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="single worker"):
+        Settings(workers=2, generator="sample")
+    assert Settings(workers=2).workers == 2
