@@ -647,18 +647,17 @@ def test_serve_reports_a_missing_catalog(
 def test_demo_builds_when_missing_then_serves(
     tiny: TinyCatalog, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import uvicorn
-
+    from service import app as service_app
     from service import cli
 
     served: dict[str, Any] = {}
 
-    def fake_run(app: Any, **options: Any) -> None:
-        served.update(options)
-        with TestClient(app) as running:
+    def fake_serve(settings: Settings, engine: Any, sock: Any = None) -> None:
+        served.update(host=settings.host, port=settings.port)
+        with TestClient(service_app.create_app(settings, engine)) as running:
             served["feed"] = running.post("/v1/search", json={"text": "red"}).status_code
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(service_app, "serve_engine", fake_serve)
     argv = ["lookalike", "demo", "--data", str(tiny.data), "--port", "8765"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exited:
