@@ -23,6 +23,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -177,7 +178,13 @@ class PeerServer:
                     method, args, kwargs = conn.recv()
                 except (EOFError, OSError):
                     return
-                conn.send(self._run(method, args, kwargs))
+                answer = self._run(method, args, kwargs)
+                try:
+                    conn.send(answer)
+                except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                    # Pickling fails before anything is sent: the caller still gets an answer.
+                    failure = RuntimeError(f"{method} answered what cannot be sent: {exc}")
+                    conn.send((False, failure))
 
     def _run(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
         if method not in FORWARDED:
@@ -192,7 +199,11 @@ class PeerServer:
 def serve_workers(settings: Settings) -> int:
     """Run ``settings.workers`` worker processes on one listening socket until a signal (or
     a worker's unexpected exit); returns the exit status."""
-    sock = _listening_socket(settings.host, settings.port)
+    try:
+        sock = _listening_socket(settings.host, settings.port)
+    except OSError as exc:  # as uvicorn does for one process: say so, exit 1
+        log.error("cannot listen on %s port %d: %s", settings.host, settings.port, exc)
+        return 1
     run_dir = Path(tempfile.mkdtemp(prefix="lookalike-workers-"))  # mode 0700
     authkey = os.urandom(32)
     context = multiprocessing.get_context("spawn")
