@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -70,3 +71,13 @@ def serving(
                 server.wait()
         if exits is not None:
             exits.append(server.returncode)
+
+
+def writable_copy(catalog: Path, where: Path) -> tuple[Path, list[str]]:
+    """A copy of ``catalog`` under ``where`` for a server to write feedback to, and its ids."""
+    from indexer.catalog import Catalog
+
+    copy = where / "catalog"
+    shutil.copytree(catalog, copy)
+    with Catalog.open(copy) as opened:
+        return copy, [item.id for item in opened.iter_items()]

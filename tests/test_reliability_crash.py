@@ -45,7 +45,7 @@ from indexer.errors import DiskFullError
 from indexer.pipeline import PipelineConfig, index_dump
 from indexer.sample_dump import write_sample_dump
 from indexer.storage import STALE_TEMP_S
-from tests.cli_helpers import serving
+from tests.cli_helpers import serving, writable_copy
 from tests.fakes import fake_encoders, specs
 
 
@@ -344,10 +344,7 @@ async def feedback_burst(
 def test_feedback_acknowledged_before_a_server_kill_survives_it(
     pixels_catalog: Path, tmp_path: Path
 ) -> None:
-    catalog = tmp_path / "catalog"
-    shutil.copytree(pixels_catalog, catalog)
-    with Catalog.open(catalog) as cat:
-        image_ids = [item.id for item in cat.iter_items()]
+    catalog, image_ids = writable_copy(pixels_catalog, tmp_path)
     log = tmp_path / "server.log"
     with serving(catalog, log) as (url, pid):
         session = httpx.post(f"{url}/v1/search", json={"image_id": image_ids[0]}).json()

@@ -19,7 +19,7 @@ from recommender.api import FeedbackEvent, ItemQuery
 from recommender.engine import Engine
 from recommender.errors import SessionOwnerUnavailableError, UnknownSessionError
 from service.workers import PeerOwners, PeerServer, Shard
-from tests.cli_helpers import serving
+from tests.cli_helpers import serving, writable_copy
 
 
 @pytest.fixture
@@ -128,10 +128,7 @@ def test_an_owner_that_does_not_answer_is_reported_as_such(catalog: Catalog, run
 def test_serve_with_two_workers_scrolls_from_any_connection_and_stops_cleanly(
     pixels_catalog: Path, tmp_path: Path
 ) -> None:
-    catalog = tmp_path / "catalog"
-    shutil.copytree(pixels_catalog, catalog)
-    with Catalog.open(catalog) as cat:
-        ids = [item.id for item in cat.iter_items()]
+    catalog, ids = writable_copy(pixels_catalog, tmp_path)
     log = tmp_path / "server.log"
     exits: list[int | None] = []
     with serving(catalog, log, "--workers", "2", exits=exits) as (url, _):
