@@ -114,11 +114,14 @@ class PeerOwners:
         return self.call_in(self.shard.owner(session_id), method, *args, **kwargs)
 
     def call_in(self, owner: int, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        conn = None
         try:
             conn = self._connection(owner)
             conn.send((method, args, kwargs))
             ok, value = conn.recv()
         except (OSError, EOFError) as exc:
+            if conn is not None:
+                conn.close()
             raise SessionOwnerUnavailableError(
                 f"the worker holding this session (worker {owner}) did not answer"
             ) from exc
