@@ -200,8 +200,9 @@ class PeerServer:
 
 
 def serve_workers(settings: Settings) -> int:
-    """Run ``settings.workers`` worker processes on one listening socket until a signal (or
-    a worker's unexpected exit); returns the exit status."""
+    """Run ``settings.workers`` worker processes on one listening socket until SIGINT or
+    SIGTERM (or a worker's unexpected exit); returns the exit status. The main loop of the
+    ``serve`` process: it keeps its signal handlers when it returns."""
     try:
         sock = _listening_socket(settings.host, settings.port)
     except OSError as exc:  # as uvicorn does for one process: say so, exit 1
@@ -218,35 +219,42 @@ def serve_workers(settings: Settings) -> int:
         )
         for i in range(settings.workers)
     ]
-    stopping = threading.Event()
+    requested = False  # a signal asked to stop (else a worker exited on its own)
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-        for worker in workers:
-            if worker.pid is not None and worker.exitcode is None:
-                os.kill(worker.pid, signal.SIGTERM)
+        # No locks here: a second signal can arrive while this handler runs.
+        nonlocal requested
+        requested = True
+        _terminate(workers)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Left in place on return: this is the process's last work, and a signal that comes while
+    # it exits (a supervisor repeating itself) must not turn a clean stop into a killed one.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     try:
         for worker in workers:
             worker.start()
         sock.close()  # the workers hold it now
         wait([worker.sentinel for worker in workers])  # until the first one exits
-        if not stopping.is_set():
+        asked = requested
+        if not asked:
             log.error("a worker exited (%s): stopping the others", _statuses(workers))
-            stop(signal.SIGTERM, None)
-            stopping.clear()  # not a requested stop: the exit status says so
+            _terminate(workers)
         for worker in workers:
             worker.join(STOP_GRACE_S)
             if worker.exitcode is None:
                 worker.kill()
                 worker.join()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         shutil.rmtree(run_dir, ignore_errors=True)
-    clean = stopping.is_set() and all(w.exitcode in (0, -signal.SIGTERM) for w in workers)
+    clean = asked and all(w.exitcode in (0, -signal.SIGTERM) for w in workers)
     return 0 if clean else 1
+
+
+def _terminate(workers: list[Any]) -> None:
+    for worker in workers:
+        if worker.pid is not None and worker.exitcode is None:
+            os.kill(worker.pid, signal.SIGTERM)
 
 
 def _worker_main(settings: Settings, shard: Shard, sock: socket.socket) -> None:
