@@ -8,8 +8,10 @@ A session lives in one worker: the one its id names, ``crc32(id) mod N``. A work
 that name itself, and a call for another worker's session (feed, feedback, a search that
 restarts it, its info, mute, delete) runs in the owner: the engine forwards it over a Unix
 socket (``multiprocessing.connection``, authenticated by a key made at start-up) and returns
-what the owner answered or raises what it raised. Feedback is stored by the owner, in the
-catalog's SQLite, as with one process.
+what the owner answered or raises what it raised. New sessions are spread round robin over the
+workers, whichever one the client reached. Feedback is stored by the owner, in the catalog's
+SQLite, as with one process; a worker that does not answer its peers makes their calls for its
+sessions 503 ``worker_unavailable``.
 
 Not shared between workers: ``/metrics`` (each answers for itself), rate-limit buckets (a client
 gets at most N times its limit), and generation, which is refused with more than one worker:
