@@ -524,11 +524,9 @@ def wait_ready(
 
 
 def serve(path: Path, port: int, workers: int) -> None:
-    """The server side: the real app over the catalog, rate limiting off, no access log; with
-    ``workers`` > 1, as ``lookalike serve --workers`` runs it."""
-    import uvicorn
-
-    from service.app import create_app
+    """The server side, as ``lookalike serve [--workers N]`` runs it: rate limiting off, no
+    access log."""
+    from service.app import open_engine, serve_engine
     from service.settings import Settings
     from service.workers import serve_workers
 
@@ -544,13 +542,12 @@ def serve(path: Path, port: int, workers: int) -> None:
     )
     if workers > 1:
         sys.exit(serve_workers(settings))
-    uvicorn.run(
-        create_app(settings),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-    )
+    engine = open_engine(settings)
+    try:
+        engine.load()
+        serve_engine(settings, engine)
+    finally:
+        engine.close()
 
 
 def free_port() -> int:

@@ -550,8 +550,8 @@ class CompressedIndex:
         truth = without_own(with_self, own, k)
         factors = sorted(set(self.compression.refine_factors))
         # Queries fall where the data is: the lists they probe are longer than the mean.
-        nlist = int(faiss.extract_index_ivf(ivf).nlist)
-        lists = faiss.extract_index_ivf(ivf).invlists
+        inner = faiss.extract_index_ivf(ivf)  # behind the Pad transform, if any
+        nlist, lists = int(inner.nlist), inner.invlists
         assert lists is not None
         sizes = np.array([lists.list_size(i) for i in range(nlist)], dtype=np.float64)
         codes_per_list = float((sizes**2).sum() / max(1, n))
