@@ -524,11 +524,10 @@ def wait_ready(
 
 
 def serve(path: Path, port: int, workers: int) -> None:
-    """The server side, as ``lookalike serve [--workers N]`` runs it: rate limiting off, no
-    access log."""
-    from service.app import open_engine, serve_engine
+    """The server side: what ``lookalike serve [--workers N]`` runs, rate limiting and the
+    access log off."""
+    from service.cli import run_server
     from service.settings import Settings
-    from service.workers import serve_workers
 
     settings = Settings.model_validate(
         {
@@ -540,14 +539,7 @@ def serve(path: Path, port: int, workers: int) -> None:
             "access_log": False,
         }
     )
-    if workers > 1:
-        sys.exit(serve_workers(settings))
-    engine = open_engine(settings)
-    try:
-        engine.load()
-        serve_engine(settings, engine)
-    finally:
-        engine.close()
+    run_server(settings, what=f"catalog {path}")
 
 
 def free_port() -> int:
