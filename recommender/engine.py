@@ -263,6 +263,11 @@ class Engine:
             log.warning("worker %d did not answer: the new session starts here", home)
             return False, None
 
+    def holds_session(self, session_id: str) -> bool:
+        """Whether calls for this session run in this process (else they are forwarded to
+        the serving process that holds it, and wait on it)."""
+        return self._elsewhere(session_id) is None
+
     def _elsewhere(self, session_id: str) -> SessionOwners | None:
         """``owners`` when another serving process holds this session, else None."""
         owners = self.owners

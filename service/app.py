@@ -2,7 +2,9 @@
 
 Middlewares, outermost first: metrics and access log, CORS (only when origins are configured),
 per-client rate limit, request-body limit. The engine is opened in the ``lifespan`` (unless one
-is given, which the caller then owns) and every blocking engine call runs in the thread pool.
+is given, which the caller then owns). Blocking engine calls run in the thread pool, except the
+short ones for a session this process holds (feed, session info, mute, delete): those run on
+the event loop's thread (``routes.deps.for_session``).
 """
 
 from __future__ import annotations

@@ -3,15 +3,18 @@ owner over the peer sockets, errors carried back whole, and `lookalike serve --w
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -21,6 +24,7 @@ from indexer.errors import ImageRejected
 from recommender.api import FeedbackEvent, ItemQuery
 from recommender.engine import Engine
 from recommender.errors import SessionOwnerUnavailableError, UnknownSessionError
+from service.routes.deps import for_session
 from service.workers import PeerOwners, PeerServer, Shard
 from tests.cli_helpers import serving, writable_copy
 
@@ -102,6 +106,25 @@ def test_a_call_for_another_workers_session_runs_in_that_worker(
     finally:
         for server in servers:
             server.close()
+
+
+def test_a_call_runs_on_the_event_loop_for_a_session_held_here_and_in_a_thread_otherwise(
+    catalog: Catalog,
+) -> None:
+    class HereOnly:  # the part of SessionOwners the helper asks: is the session held here?
+        def owns(self, session_id: str) -> bool:
+            return session_id == "held-here"
+
+        def new_session_id(self) -> str:
+            return "held-here"
+
+    engine = Engine(catalog, {}, owners=cast(Any, HereOnly()), seed=0)
+
+    async def on_loop_thread(session_id: str) -> bool:
+        return await for_session(engine, session_id, threading.get_ident) == threading.get_ident()
+
+    assert asyncio.run(on_loop_thread("held-here"))
+    assert not asyncio.run(on_loop_thread("held-elsewhere"))  # waits on a peer: pool thread
 
 
 def test_new_sessions_are_spread_over_the_workers_whichever_one_was_asked(

@@ -16,7 +16,14 @@ from starlette.exceptions import HTTPException
 from recommender.api import ImageQuery
 from recommender.api import Query as EngineQuery
 from service.errors import ApiError
-from service.routes.deps import EngineDep, SettingsDep, check_limit, error_docs, in_image_slot
+from service.routes.deps import (
+    EngineDep,
+    SettingsDep,
+    check_limit,
+    error_docs,
+    for_session,
+    in_image_slot,
+)
 from service.schemas import FeedOut, SearchIn, SearchOptions, SearchOut
 
 router = APIRouter(prefix="/v1", tags=["search"])
@@ -150,11 +157,12 @@ async def search(request: Request, engine: EngineDep, settings: SettingsDep) -> 
 
 
 @router.get("/feed", responses=_ERRORS)
-def feed(
+async def feed(
     engine: EngineDep,
     settings: SettingsDep,
     session_id: Annotated[str, Query(min_length=1, max_length=128)],
     limit: Annotated[int | None, Query(ge=1)] = None,
 ) -> FeedOut:
     """The session's next page; never repeats an item it was served."""
-    return FeedOut.of(engine.feed(session_id, check_limit(limit, settings.max_page)))
+    limit = check_limit(limit, settings.max_page)
+    return FeedOut.of(await for_session(engine, session_id, engine.feed, session_id, limit))

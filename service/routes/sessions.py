@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
 
-from service.routes.deps import EngineDep, error_docs
+from service.routes.deps import EngineDep, error_docs, for_session
 from service.schemas import MuteIn, SessionCreate, SessionCreated, SessionOut
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -23,9 +23,9 @@ def create_session(engine: EngineDep, body: SessionCreate | None = None) -> Sess
 
 
 @router.get("/{session_id}", responses=_NOT_FOUND)
-def session_info(engine: EngineDep, session_id: SessionPath) -> SessionOut:
+async def session_info(engine: EngineDep, session_id: SessionPath) -> SessionOut:
     """What the session has been served and the terms steering it."""
-    return SessionOut.of(engine.session_info(session_id))
+    return SessionOut.of(await for_session(engine, session_id, engine.session_info, session_id))
 
 
 @router.post(
@@ -33,14 +33,14 @@ def session_info(engine: EngineDep, session_id: SessionPath) -> SessionOut:
     status_code=204,
     responses=error_docs(_BAD_JSON, (404, "unknown or expired session")),
 )
-def mute(engine: EngineDep, session_id: SessionPath, body: MuteIn) -> Response:
+async def mute(engine: EngineDep, session_id: SessionPath, body: MuteIn) -> Response:
     """ "Less of this": the term stops pulling the session's feed."""
-    engine.mute(session_id, body.term)
+    await for_session(engine, session_id, engine.mute, session_id, body.term)
     return Response(status_code=204)
 
 
 @router.delete("/{session_id}", status_code=204, responses=_NOT_FOUND)
-def delete_session(engine: EngineDep, session_id: SessionPath) -> Response:
+async def delete_session(engine: EngineDep, session_id: SessionPath) -> Response:
     """Forget the session (its acknowledged feedback stays in the catalog)."""
-    engine.delete_session(session_id)
+    await for_session(engine, session_id, engine.delete_session, session_id)
     return Response(status_code=204)
