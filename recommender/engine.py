@@ -62,7 +62,7 @@ from recommender.sessions import (
 )
 from recommender.taste import TasteStore
 from recommender.terms import TERM_SPACE, term_matrix, term_vector
-from recommender.types import Vector, unit
+from recommender.types import Vector, mean_std, unit
 
 log = logging.getLogger(__name__)
 
@@ -552,8 +552,8 @@ class Engine:
             sim[~np.any(vecs, axis=1)] = np.nan  # no prompt: no text-space position
             ok = np.isfinite(sim)
             if ok.any():
-                std = max(float(sim[ok].std()), self.config.rerank.min_std)
-                sims.append((sim - float(sim[ok].mean())) / std)
+                mean, std = mean_std(sim[ok])
+                sims.append((sim - mean) / max(std, self.config.rerank.min_std))
         stacked = np.stack(sims)
         counts = np.isfinite(stacked).sum(axis=0)
         total = np.nansum(stacked, axis=0)
@@ -615,7 +615,8 @@ class Engine:
             got = self.steerer.explore_scores(state, pool.vectors(space), rng)
             if got is None:
                 return None
-            z = (got - got.mean()) / max(float(got.std()), 1e-9)
+            mean, std = mean_std(got)
+            z = (got - mean) / max(std, 1e-9)
             total = z if total is None else total + z
         return None if total is None else total.astype(np.float32)
 

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from indexer.prompts import FILLER_PHRASES, STOPWORDS, normalise_term, prompt_terms
-from recommender.types import Indices, Scores, Vector, as_rows, row_cosines
+from recommender.types import Indices, Scores, Vector, as_rows, mean_std, row_cosines
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def rerank(
 
 def _standardise(v: NDArray[np.float64], cfg: RerankConfig) -> NDArray[np.float64]:
     ok = np.isfinite(v)
-    mean, std = float(v[ok].mean()), float(v[ok].std())
+    mean, std = mean_std(v[ok])
     z = (v - mean) / max(std, cfg.min_std)
     return np.where(ok, np.clip(z, -cfg.z_clip, cfg.z_clip), 0.0)
 

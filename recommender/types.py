@@ -16,7 +16,16 @@ Scores = NDArray[np.float32]
 Indices = NDArray[np.int64]
 """int64 array of shape (n,): positions into a candidate array."""
 
-__all__ = ["Indices", "Scores", "Vector", "Vectors", "unit", "as_rows", "row_cosines"]
+__all__ = [
+    "Indices",
+    "Scores",
+    "Vector",
+    "Vectors",
+    "unit",
+    "as_rows",
+    "row_cosines",
+    "mean_std",
+]
 
 
 def unit(x: NDArray[np.floating], fallback: NDArray[np.floating] | None = None) -> Vector:
@@ -31,6 +40,16 @@ def unit(x: NDArray[np.floating], fallback: NDArray[np.floating] | None = None) 
     if fallback is not None:
         return unit(fallback)
     return np.zeros(v.shape, dtype=np.float32)
+
+
+def mean_std(v: NDArray[np.floating]) -> tuple[float, float]:
+    """Mean and standard deviation of a non-empty 1-D array, with the arithmetic of
+    ``v.mean()`` and ``v.std()`` (the same pairwise sums, so the same values) but without
+    their dispatch cost, which a feed page paid a dozen times (about a tenth of its CPU)."""
+    n = v.shape[0]
+    mean = np.add.reduce(v) / n
+    centred = v - mean
+    return float(mean), float(np.sqrt(np.add.reduce(centred * centred) / n))
 
 
 def as_rows(items: NDArray[np.floating], dim: int | None = None) -> NDArray[np.float64]:

@@ -301,3 +301,13 @@ def test_row_cosines_equal_normalised_rows_times_the_direction() -> None:
     assert row_cosines(x, w)[3] == 0.0
     with pytest.raises(ValueError, match="width 8"):
         row_cosines(x, w, dim=8)
+
+
+def test_mean_std_gives_exactly_numpys_mean_and_std() -> None:
+    # Exactly, not approximately: pages must rank the same as with v.mean() and v.std().
+    from recommender.types import mean_std
+
+    rng = np.random.default_rng(10)
+    for n, dtype in [(1, np.float64), (7, np.float32), (100, np.float32), (333, np.float64)]:
+        v = (rng.standard_normal(n) * 37.5 + 4.2).astype(dtype)
+        assert mean_std(v) == (float(v.mean()), float(v.std()))
