@@ -549,7 +549,7 @@ class Engine:
         for space in spaces:
             vecs = candidates.vectors(space)
             sim = (vecs @ session.query[space]).astype(np.float64)
-            sim[~np.any(vecs, axis=1)] = np.nan  # no prompt: no text-space position
+            sim[~candidates.present(space)] = np.nan  # no prompt: no text-space position
             ok = np.isfinite(sim)
             if ok.any():
                 mean, std = mean_std(sim[ok])
@@ -697,7 +697,8 @@ class _Pool:
     """Candidate keys with their primary-space cosines (``scores``), best first.
 
     A page reads each space's vectors of its candidates from the catalog once, on first use;
-    ``take`` keeps the rows already read for the subset or new order it selects.
+    ``take`` keeps the rows already read (and which are zero) for the subset or new order it
+    selects.
     """
 
     def __init__(
@@ -706,11 +707,13 @@ class _Pool:
         keys: NDArray[np.int64],
         scores: NDArray[np.float32],
         vectors: dict[str, NDArray[np.float32]] | None = None,
+        present: dict[str, NDArray[np.bool_]] | None = None,
     ) -> None:
         self._catalog = catalog
         self.keys = keys
         self.scores = scores
         self._vectors = vectors or {}
+        self._present = present or {}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -721,12 +724,19 @@ class _Pool:
             self._vectors[space] = self._catalog.vectors(space, self.keys)
         return self._vectors[space]
 
+    def present(self, space: str) -> NDArray[np.bool_]:
+        """Which candidates have a vector in ``space`` (a zero row: none, e.g. no prompt)."""
+        if space not in self._present:
+            self._present[space] = np.any(self.vectors(space), axis=1)
+        return self._present[space]
+
     def has(self, space: str) -> bool:
         return space in self._vectors
 
     def set_vectors(self, space: str, rows: NDArray[np.float32]) -> None:
         """Vectors of a space the catalog does not store (the ``terms`` space)."""
         self._vectors[space] = rows
+        self._present.pop(space, None)
 
     def take(self, index: NDArray[np.int64] | NDArray[np.bool_]) -> _Pool:
         """The candidates selected by ``index`` (positions or a mask), in that order."""
@@ -735,6 +745,7 @@ class _Pool:
             self.keys[index],
             self.scores[index],
             {space: rows[index] for space, rows in self._vectors.items()},
+            {space: mask[index] for space, mask in self._present.items()},
         )
 
 
