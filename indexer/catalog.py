@@ -15,12 +15,11 @@ import logging
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -32,6 +31,7 @@ from indexer.errors import CatalogError, DiskFullError, EncoderMismatchError
 from indexer.filters import Filters, ItemAttributes
 from indexer.prompts import PROMPT_TERMS_VERSION, prompt_terms
 from indexer.records import NSFW_LEVELS, DumpRecord
+from indexer.row_cache import RowCache
 from indexer.storage import atomic_write_bytes, translate_disk_full
 from indexer.vector_index import IndexPolicy, Keys
 from indexer.vector_store import StoreConfig, VectorStore, faiss_store_for, new_store, open_store
@@ -43,6 +43,7 @@ MANIFEST = "manifest.json"
 DATABASE = "catalog.sqlite"
 INDEX_DIR = "faiss"
 ITEM_CACHE_SIZE = 20_000  # item rows kept in memory (about 1 KB each)
+TERMS_CACHE_SIZE = 100_000  # items' tags and prompt terms kept in memory (about 0.5 KB each)
 
 # Named migrations, applied in order; PRAGMA user_version counts how many ran.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
@@ -120,6 +121,14 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
     ),
 )
 PROMPT_TERMS_CHUNK = 20_000  # rows parsed per transaction when a catalog's prompts are re-read
+
+
+class ItemTerms(NamedTuple):
+    """An item's tags and prompt terms: what re-ranking reads of every candidate."""
+
+    key: int
+    tags: tuple[str, ...]
+    prompt_terms: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -270,9 +279,12 @@ class Catalog:
         self._dirty: set[str] = set()
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
-        self._cache_lock = threading.Lock()
-        self._item_cache: OrderedDict[int, CatalogItem] = OrderedDict()
-        self._cache_version = 0
+        # Successive pages of a scroll re-read most of their candidates, so rows are cached;
+        # the writes that change a row (replace, update_metadata, delete) drop it from these.
+        self._item_cache = RowCache(ITEM_CACHE_SIZE, self._read_items)
+        self._terms_cache = RowCache(TERMS_CACHE_SIZE, self._read_terms)
+        self._cache_version = 0  # writes that dropped cached rows
+        self._revision_lock = threading.Lock()
         self._alignment: tuple[int, NDArray[np.float32]] | None = None
         self._alignment_writes = 0  # changes to alignment rows: the cached array's version
 
@@ -694,43 +706,41 @@ class Catalog:
     # -- reads ----------------------------------------------------------------------------
     def items(self, keys: Sequence[int]) -> list[CatalogItem]:
         """Items for ``keys``, in the same order; keys that are gone are left out."""
-        if len(keys) == 0:
-            return []
-        wanted = [int(k) for k in keys]
-        # Successive pages of a scroll re-read most of their candidates, so rows are cached;
-        # the writes that change a row (replace, update_metadata, delete) drop it from here.
-        cache = self._item_cache
-        with self._cache_lock:
-            version = self._cache_version
-            missing = [k for k in wanted if k not in cache]
-        fetched: dict[int, CatalogItem] = {}
-        for start in range(0, len(missing), 500):  # outside the cache lock: readers overlap
-            chunk = missing[start : start + 500]
-            rows = self._read(
-                f"SELECT {_ITEM_COLUMNS} FROM items WHERE key IN ({','.join('?' * len(chunk))})",
-                chunk,
+        return self._item_cache.get(keys)
+
+    def item_terms(self, keys: Sequence[int]) -> list[ItemTerms]:
+        """The tags and prompt terms of ``keys``, in the same order, gone keys left out: what
+        re-ranking reads of every candidate (a page shows only a fifth of them)."""
+        return self._terms_cache.get(keys)
+
+    def _read_items(self, keys: list[int]) -> dict[int, CatalogItem]:
+        return {row[0]: _item_from_row(row) for row in self._read_by_key(_ITEM_COLUMNS, keys)}
+
+    def _read_terms(self, keys: list[int]) -> dict[int, ItemTerms]:
+        return {
+            key: ItemTerms(key, tuple(orjson.loads(tags)), _decoded_terms(terms, prompt))
+            for key, tags, terms, prompt in self._read_by_key(
+                # the prompt only for rows whose terms are still unparsed
+                "key, tags, prompt_terms, CASE WHEN prompt_terms IS NULL THEN prompt END",
+                keys,
             )
-            fetched.update((row[0], _item_from_row(row)) for row in rows)
-        with self._cache_lock:
-            if version == self._cache_version:  # no write dropped rows meanwhile
-                cache.update(fetched)
-            found = []
-            for k in wanted:
-                item = cache.get(k) or fetched.get(k)
-                if item is not None:
-                    found.append(item)
-                    if k in cache:
-                        cache.move_to_end(k)
-            while len(cache) > ITEM_CACHE_SIZE:
-                cache.popitem(last=False)
-        return found
+        }
+
+    def _read_by_key(self, columns: str, keys: list[int]) -> list[Any]:
+        rows = []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows += self._read(f"SELECT {columns} FROM items WHERE key IN ({marks})", chunk)
+        return rows
 
     def _forget(self, keys: Iterable[int]) -> None:
         """Drop cached rows that a write changed or removed."""
-        with self._cache_lock:
+        keys = [int(k) for k in keys]
+        with self._revision_lock:
             self._cache_version += 1
-            for key in keys:
-                self._item_cache.pop(int(key), None)
+        self._item_cache.forget(keys)
+        self._terms_cache.forget(keys)
 
     def item(self, item_id: str) -> CatalogItem | None:
         key = self.key_for_id(item_id)
@@ -1236,6 +1246,11 @@ _ITEM_COLUMNS = (
 )
 
 
+def _decoded_terms(stored: str | None, prompt: str | None) -> tuple[str, ...]:
+    # NULL only while an upgraded catalog is being opened by another process
+    return tuple(orjson.loads(stored) if stored is not None else prompt_terms(prompt))
+
+
 def _item_from_row(row: Sequence[Any]) -> CatalogItem:
     return CatalogItem(
         key=row[0],
@@ -1256,8 +1271,7 @@ def _item_from_row(row: Sequence[Any]) -> CatalogItem:
         stats_json=row[15],
         meta_json=row[16],
         source=row[17],
-        # NULL only while an upgraded catalog is being opened by another process
-        prompt_terms=tuple(orjson.loads(row[18]) if row[18] is not None else prompt_terms(row[6])),
+        prompt_terms=_decoded_terms(row[18], row[6]),
     )
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from indexer.build import create_encoders, recorded_specs
-from indexer.catalog import Catalog, CatalogItem
+from indexer.catalog import Catalog, CatalogItem, ItemTerms
 from indexer.encoders.base import Encoder
 from indexer.images import ImageLimits, decode_image, read_embedded_metadata
 from indexer.vector_index import IndexPolicy
@@ -449,27 +449,31 @@ class Engine:
         if size <= 0:  # a page of new images: nothing to retrieve this time
             return Page(session.id, page_items, sparse=False, generating=session.pending_generation)
         candidates = self._retrieve(session, max(self.config.k, 2 * size))
-        items = self.catalog.items(candidates.keys.tolist())
-        by_key = {item.key: item for item in items}
-        keep = np.array([k in by_key for k in candidates.keys.tolist()], dtype=bool)
-        candidates = candidates.take(keep)
-        items = [by_key[k] for k in candidates.keys.tolist()]
-        candidates.set_vectors(TERM_SPACE, term_matrix([(i.tags, i.prompt_terms) for i in items]))
-        ranked = self._rank(session, candidates, items)
+        # Re-ranking reads only the candidates' terms; full rows are read for the picks.
+        found = {t.key: t for t in self.catalog.item_terms(candidates.keys.tolist())}
+        candidates = candidates.take(
+            np.fromiter((k in found for k in candidates.keys.tolist()), bool)
+        )
+        terms = [found[k] for k in candidates.keys.tolist()]
+        candidates.set_vectors(TERM_SPACE, term_matrix([(t.tags, t.prompt_terms) for t in terms]))
+        ranked = self._rank(session, candidates, terms)
         picks = self._pick(session, ranked, size)
-        served = [
-            Served(ranked.items[p.rank].id, p.kind, float(ranked.scores[p.rank]), self._clock())
+        items = {
+            item.key: item
+            for item in self.catalog.items([int(ranked.pool.keys[p.rank]) for p in picks])
+        }
+        picked = [
+            (items[key], float(ranked.scores[p.rank]), p.kind)
             for p in picks
+            if (key := int(ranked.pool.keys[p.rank])) in items  # else deleted meanwhile
         ]
-        session.record_served(served)
-        for p in picks:
-            session.seen_keys.add(ranked.items[p.rank].key)
+        now = self._clock()
+        session.record_served(Served(item.id, kind, score, now) for item, score, kind in picked)
+        session.seen_keys.update(item.key for item, _, _ in picked)
         sparse = self._is_sparse(session, candidates, size)
         if sparse and self.generator is not None and not session.generated_inbox:
             session.pending_generation = self.generator.request(session, self)
-        page_items += [
-            _page_item(ranked.items[p.rank], float(ranked.scores[p.rank]), p.kind) for p in picks
-        ]
+        page_items += [_page_item(item, score, kind) for item, score, kind in picked]
         return Page(session.id, page_items, sparse=sparse, generating=session.pending_generation)
 
     def _take_generated(self, session: Session, size: int) -> list[tuple[CatalogItem, float]]:
@@ -559,12 +563,12 @@ class Engine:
         total = np.nansum(stacked, axis=0)
         return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
 
-    def _rank(self, session: Session, candidates: _Pool, items: list[CatalogItem]) -> _Ranked:
+    def _rank(self, session: Session, candidates: _Pool, found: list[ItemTerms]) -> _Ranked:
         text_vecs = candidates.vectors("text") if "text" in self.spaces else None
         clip_sim = None
         if "clip" in self.spaces and "clip" in session.query and session.primary != "clip":
             clip_sim = candidates.vectors("clip") @ session.query["clip"]
-        terms = [item.tags + item.prompt_terms for item in items]
+        terms = [t.tags + t.prompt_terms for t in found]
         result = rerank(
             self._query_similarity(session, candidates),
             session.vocabulary,
@@ -574,11 +578,7 @@ class Engine:
             config=self.config.rerank,
         )
         order = result.order
-        return _Ranked(
-            items=[items[i] for i in order],
-            pool=candidates.take(order),
-            scores=result.scores[order],
-        )
+        return _Ranked(pool=candidates.take(order), scores=result.scores[order])
 
     def _pick(self, session: Session, ranked: _Ranked, size: int) -> list[Pick]:
         explore = self.config.explore
@@ -593,10 +593,10 @@ class Engine:
             )
         rng = self._rng(session)
         scores = self._explore_scores(session, ranked.pool, rng)
-        picks = make_page(len(ranked.items), explore, rng, scores)
+        picks = make_page(len(ranked.pool), explore, rng, scores)
         if len(picks) < size:  # large pages outgrow the explore window: fill with top ranks
             used = {p.rank for p in picks}
-            spare = [r for r in range(len(ranked.items)) if r not in used]
+            spare = [r for r in range(len(ranked.pool)) if r not in used]
             picks += [Pick(r, "top") for r in spare[: size - len(picks)]]
         return picks
 
@@ -607,7 +607,7 @@ class Engine:
         primary and ``terms`` spaces, standardised and summed; None for uniform picks."""
         if not len(pool):
             return None
-        total: NDArray[np.float64] | None = None
+        total: NDArray[np.floating] | None = None
         for space in (session.primary, TERM_SPACE):
             state = session.steering.get(space)
             if state is None or (space == TERM_SPACE and not pool.has(space)):
@@ -751,9 +751,8 @@ class _Pool:
 
 @dataclass(frozen=True)
 class _Ranked:
-    """Candidates after re-ranking, best first: items, their pool, their fused scores."""
+    """Candidates after re-ranking, best first: their pool and their fused scores."""
 
-    items: list[CatalogItem]
     pool: _Pool
     scores: NDArray[np.float32]
 

@@ -318,6 +318,50 @@ def test_prompt_terms_are_parsed_when_an_item_is_written(catalog: Catalog) -> No
     assert item.prompt_terms == ("red hair", "cat")
 
 
+def test_item_terms_match_the_items_and_follow_writes(catalog: Catalog) -> None:
+    keys = [catalog.key_for_id(i) for i in ("9", "gone", "3", "2")]
+    wanted = [k for k in keys if k is not None] + [10_000]  # a key that never existed
+    terms = catalog.item_terms(wanted)
+    items = catalog.items(wanted)
+    assert [(t.key, t.tags, t.prompt_terms) for t in terms] == [
+        (i.key, i.tags, i.prompt_terms) for i in items
+    ]
+    assert [t.key for t in terms] == wanted[:3]  # in order, the missing key left out
+    # Both caches follow a metadata update and a delete.
+    changed = DumpRecord(id="3", image_path=Path("/dump/3.png"), prompt="cat", tags=("new",))
+    assert catalog.update_metadata("3", changed)
+    (updated,) = catalog.item_terms([wanted[1]])
+    assert updated.tags == ("new",) and updated.prompt_terms == ("cat",)
+    assert catalog.delete(["9"]) == ["9"]
+    assert [t.key for t in catalog.item_terms(wanted)] == wanted[1:3]
+
+
+def test_a_row_cache_keeps_no_row_read_while_a_write_dropped_it() -> None:
+    from indexer.row_cache import RowCache
+
+    store = {1: "old", 2: "two"}
+    reads: list[list[int]] = []
+
+    def read(keys: list[int]) -> dict[int, str]:
+        reads.append(keys)
+        answer = {k: store[k] for k in keys if k in store}
+        if len(reads) == 1:  # a write lands while this first read is in flight
+            store[1] = "new"
+            cache.forget([1])
+        return answer
+
+    cache = RowCache(size=2, read=read)
+    assert cache.get([1, 2]) == ["old", "two"]  # what the read saw
+    assert cache.get([1, 3]) == ["new"]  # not served from the stale read; 3 does not exist
+    assert reads == [[1, 2], [1, 3]]
+    assert cache.get([1]) == ["new"] and len(reads) == 2  # cached now
+    assert cache.get([2]) == ["two"] and len(reads) == 3  # 1 and 2 cached now
+    store[4] = "four"
+    assert cache.get([4]) == ["four"]  # past size 2: the least recently used (1) goes
+    assert cache.get([2, 4]) == ["two", "four"] and len(reads) == 4
+    assert cache.get([1]) == ["new"] and len(reads) == 5
+
+
 def test_an_upgraded_catalog_parses_its_prompts_once_when_opened(catalog: Catalog) -> None:
     """Rows written before the prompt_terms column (NULL), or parsed under an older parser
     version, get their terms at the next open; rows without a prompt get none."""

@@ -76,16 +76,17 @@ def test_a_page_is_15_top_then_5_explore_from_ranks_15_to_50(
     explore_ranks: set[int] = set()
     for query in ids[:6]:
         page = engine.search(ItemQuery(query))
-        order = {item.id: r for r, item in enumerate(ranked[-1].items)}
-        assert len(ranked[-1].items) >= 50  # the window exists in full
-        picks = [(order[item.id], item.pick) for item in page.items]
+        order = {key: r for r, key in enumerate(ranked[-1].pool.keys.tolist())}
+        assert len(order) >= 50  # the window exists in full
+        keys = [catalog.key_for_id(item.id) for item in page.items]
+        picks = [(order[key], item.pick) for key, item in zip(keys, page.items, strict=True)]
         assert len(picks) == 20
         assert sorted(r for r, kind in picks if kind == "top") == list(range(15))
         explore = [r for r, kind in picks if kind == "explore"]
         assert len(explore) == 5 and all(15 <= r < 50 for r in explore)
         assert picks[0][1] == "top"  # explore picks are spread through the page, never first
-        for item in page.items:  # the page reports the re-ranked score of each item
-            assert item.score == pytest.approx(float(ranked[-1].scores[order[item.id]]), abs=1e-4)
+        for key, item in zip(keys, page.items, strict=True):  # each item's re-ranked score
+            assert item.score == pytest.approx(float(ranked[-1].scores[order[key]]), abs=1e-4)
         explore_ranks.update(explore)
     assert len(explore_ranks) > 5  # drawn, not a fixed set of ranks
 
