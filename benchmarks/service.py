@@ -375,6 +375,8 @@ class LoadResult:
     # Share of the box's CPU time its hypervisor gave to other guests meanwhile (Linux "steal"):
     # on this shared VM it reached 40-50 % under load, which halves what two processes can do.
     steal: float = float("nan")
+    # CPU the server used per request (all its processes), ms: what bounds req/s on 2 cores.
+    server_cpu_ms: float = float("nan")
 
 
 def cpu_times() -> tuple[int, int]:
@@ -390,6 +392,34 @@ def cpu_times() -> tuple[int, int]:
 def steal_since(before: tuple[int, int]) -> float:
     steal, total = cpu_times()
     return (steal - before[0]) / (total - before[1]) if total > before[1] else float("nan")
+
+
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` and its children (the worker processes of
+    ``serve --workers``), from /proc; NaN elsewhere."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            pids = [pid, *map(int, children.read().split())]
+        total = 0
+        for each in pids:
+            with open(f"/proc/{each}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    except (OSError, ValueError):
+        return float("nan")
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_idle(server: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    """Return once the server has drained what an earlier phase queued (it keeps computing
+    pages whose clients gave up): under a tenth of a core over a second, or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = server_cpu_s(server.pid)
+        time.sleep(1.0)
+        used = server_cpu_s(server.pid) - before
+        if not used > 0.1:  # NaN (no /proc): the sleep was the wait
+            return
 
 
 async def create_sessions(port: int, count: int, items: int, seed: int) -> list[str]:
@@ -580,11 +610,12 @@ def run_size(items: int, args: argparse.Namespace) -> SizeResult:
     try:
         sessions = asyncio.run(create_sessions(port, args.sessions, items, args.seed))
         feed_paths = [f"/v1/feed?session_id={s}" for s in sessions]
-        asyncio.run(closed_loop(port, sessions, args.concurrency, min(3.0, args.duration)))  # warm
-        saturated = asyncio.run(closed_loop(port, sessions, args.concurrency, args.duration))
-        at_rate = asyncio.run(open_loop(port, feed_paths, args.rate, args.duration, args.seed))
+        saturated = saturate(server, port, sessions, args)
         carried = 0.7 * saturated.rps  # a load this server can carry, for its latency there
         at_70pct = asyncio.run(open_loop(port, feed_paths, carried, args.duration, args.seed))
+        wait_until_idle(server)
+        at_rate = asyncio.run(open_loop(port, feed_paths, args.rate, args.duration, args.seed))
+        wait_until_idle(server)  # /healthz alone, not behind the overload's backlog
         health = asyncio.run(
             open_loop(port, ["/healthz"] * 64, args.rate, min(5.0, args.duration), args.seed)
         )
@@ -594,6 +625,18 @@ def run_size(items: int, args: argparse.Namespace) -> SizeResult:
     result = SizeResult(items, build_s, recall, engine, saturated, at_rate, at_70pct, health)
     if args.workers > 1:
         result.workers_max_throughput, result.workers_at_70pct = measure_workers(items, path, args)
+    return result
+
+
+def saturate(
+    server: subprocess.Popen[bytes], port: int, sessions: list[str], args: argparse.Namespace
+) -> LoadResult:
+    """The closed loop of ``args.concurrency`` clients after a short warm-up, with the
+    server's CPU per request."""
+    asyncio.run(closed_loop(port, sessions, args.concurrency, min(3.0, args.duration)))
+    before = server_cpu_s(server.pid)
+    result = asyncio.run(closed_loop(port, sessions, args.concurrency, args.duration))
+    result.server_cpu_ms = (server_cpu_s(server.pid) - before) * 1000 / max(result.requests, 1)
     return result
 
 
@@ -607,8 +650,7 @@ def measure_workers(
     try:
         sessions = asyncio.run(create_sessions(port, args.sessions, items, args.seed))
         feed_paths = [f"/v1/feed?session_id={s}" for s in sessions]
-        asyncio.run(closed_loop(port, sessions, args.concurrency, min(3.0, args.duration)))
-        saturated = asyncio.run(closed_loop(port, sessions, args.concurrency, args.duration))
+        saturated = saturate(server, port, sessions, args)
         carried = 0.7 * saturated.rps
         at_70pct = asyncio.run(open_loop(port, feed_paths, carried, args.duration, args.seed))
     finally:
@@ -629,12 +671,12 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
         ("every page p50/mean", 19),
         ("steered feed/feedback p50", 25),
         ("ref ms", 6),
-        ("max req/s (steal)", 17),
+        ("max req/s (steal) CPU/req", 25),
         (f"p50/p99 @{args.rate:g}/s", 19),
         ("p50/p99 @70% max", 18),
         ("healthz p99", 11),
         ("errors", 6),
-        (f"{args.workers} workers: max req/s (steal)", 28),
+        (f"{args.workers} workers: max req/s (steal) CPU/req", 36),
         ("p50/p99 @70% max", 16),
     )
     header = " ".join(f"{name:>{width}}" for name, width in columns)
@@ -653,16 +695,14 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
             f"{r.engine.every_page_cpu_ms_p50:.1f} / {r.engine.every_page_cpu_ms_mean:.1f}",
             f"{r.engine.steered_feed_cpu_ms_p50:.1f} / {r.engine.feedback_cpu_ms_p50:.1f}",
             f"{r.engine.reference_cpu_ms_p50:.0f}",
-            f"{r.max_throughput.rps:.0f} ({r.max_throughput.steal:.0%})",
+            _throughput(r.max_throughput),
             f"{r.feed_at_rate.p50_ms:.0f} / {r.feed_at_rate.p99_ms:.0f}",
             f"{r.feed_at_70pct.p50_ms:.0f} / {r.feed_at_70pct.p99_ms:.0f}",
             f"{r.healthz_at_rate.p99_ms:.1f}",
             r.max_throughput.errors
             + r.feed_at_70pct.errors
             + sum(w.errors for w in (r.workers_max_throughput, r.workers_at_70pct) if w),
-            f"{r.workers_max_throughput.rps:.0f} ({r.workers_max_throughput.steal:.0%})"
-            if r.workers_max_throughput
-            else "-",
+            _throughput(r.workers_max_throughput) if r.workers_max_throughput else "-",
             f"{r.workers_at_70pct.p50_ms:.0f} / {r.workers_at_70pct.p99_ms:.0f}"
             if r.workers_at_70pct
             else "-",
@@ -672,7 +712,8 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
         )
     print(
         "latency in ms; steal: share of the box's CPU time the hypervisor gave to other guests "
-        "during the closed loop; pages searched: share of scroll pages that ran a new search "
+        "during the closed loop; CPU/req: the server's CPU per request in it (all its "
+        "processes); pages searched: share of scroll pages that ran a new search "
         "(the rest came from an earlier, deeper one); every page: the same scroll searching "
         "for every page, measured call for call alongside; ref ms: CPU of a fixed reference "
         "workload between engine calls (the box's speed); open loops with Poisson arrivals (a "
@@ -680,6 +721,10 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
         "70% loops; N workers: the same scroll served by `serve --workers N`; "
         f"{_loadavg()}"
     )
+
+
+def _throughput(result: LoadResult) -> str:
+    return f"{result.rps:.0f} ({result.steal:.0%}) {result.server_cpu_ms:.1f} ms"
 
 
 def _loadavg() -> str:
