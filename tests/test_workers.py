@@ -4,10 +4,13 @@ owner over the peer sockets, errors carried back whole, and `lookalike serve --w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import shutil
 import signal
+import socket
+import sys
 import tempfile
 import threading
 import time
@@ -25,7 +28,7 @@ from recommender.api import FeedbackEvent, ItemQuery
 from recommender.engine import Engine
 from recommender.errors import SessionOwnerUnavailableError, UnknownSessionError
 from service.routes.deps import for_session
-from service.workers import PeerOwners, PeerServer, Shard
+from service.workers import PeerOwners, PeerServer, Shard, listening_sockets
 from tests.cli_helpers import serving, writable_copy
 
 
@@ -125,6 +128,31 @@ def test_a_call_runs_on_the_event_loop_for_a_session_held_here_and_in_a_thread_o
 
     assert asyncio.run(on_loop_thread("held-here"))
     assert not asyncio.run(on_loop_thread("held-elsewhere"))  # waits on a peer: pool thread
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balancing is Linux's")
+def test_workers_listen_on_one_port_with_a_socket_each_and_connections_spread() -> None:
+    socks = listening_sockets("127.0.0.1", 0, 2)
+    clients: list[socket.socket] = []
+    try:
+        (port,) = {sock.getsockname()[1] for sock in socks}
+        assert socks[0] is not socks[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
+        accepted = []
+        for sock in socks:
+            sock.setblocking(False)
+            count = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    sock.accept()[0].close()
+                    count += 1
+            accepted.append(count)
+        # A shared socket gave one worker 7 or 8 of 8; here each gets a share (by a hash of
+        # the client's address: all 32 on one socket has odds of 2 in 2**32).
+        assert sum(accepted) == 32 and min(accepted) > 0
+    finally:
+        for each in [*clients, *socks]:
+            each.close()
 
 
 def test_new_sessions_are_spread_over_the_workers_whichever_one_was_asked(
