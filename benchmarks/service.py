@@ -10,10 +10,12 @@ same run:
 * the engine's own share of a feed request, in process: CPU and wall time of ``Engine.feed``;
 * the HTTP service in a subprocess (``create_app`` under uvicorn, rate limit off), loaded by a
   minimal keep-alive HTTP/1.1 client so the load generator takes little CPU from the server:
-  a closed loop of ``--concurrency`` clients gives the most requests/s, and an open loop at
-  ``--rate`` requests/s (Poisson arrivals, latency from the scheduled send time, so queueing
-  is counted) gives p50 / p99 latency; ``/healthz`` under the same open loop is the baseline
-  for what the framework alone costs.
+  a closed loop of ``--concurrency`` clients gives the most requests/s (and the server's CPU
+  per request), an open loop at 70 % of that rate and one at ``--rate`` requests/s (Poisson
+  arrivals, latency from the scheduled send time, so queueing is counted) give p50 / p99
+  latency; ``/healthz`` under the same open loop is the baseline for what the framework alone
+  costs. Each open loop after the first waits until the server has drained the last one;
+* the closed loop and the 70 % loop again against ``serve --workers N`` (``--workers``).
 
     python benchmarks/service.py                      # 100k and 1M items
     python benchmarks/service.py --items 20000 --duration 5     # CI-sized
