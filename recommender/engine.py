@@ -263,6 +263,12 @@ class Engine:
             log.warning("worker %d did not answer: the new session starts here", home)
             return False, None
 
+    @property
+    def searches_in_process(self) -> bool:
+        """Whether its k-NN searches run in this process (FAISS), not over a connection to a
+        vector database (Milvus)."""
+        return self.catalog.store.kind == "faiss"
+
     def holds_session(self, session_id: str) -> bool:
         """Whether calls for this session run in this process (else they are forwarded to
         the serving process that holds it, and wait on it)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import pickle
 import shutil
@@ -111,7 +112,7 @@ def test_a_call_for_another_workers_session_runs_in_that_worker(
             server.close()
 
 
-def test_a_call_runs_on_the_event_loop_for_a_session_held_here_and_in_a_thread_otherwise(
+def test_a_call_runs_on_the_event_loop_for_a_session_held_here_over_faiss_else_in_a_thread(
     catalog: Catalog,
 ) -> None:
     class HereOnly:  # the part of SessionOwners the helper asks: is the session held here?
@@ -128,6 +129,8 @@ def test_a_call_runs_on_the_event_loop_for_a_session_held_here_and_in_a_thread_o
 
     assert asyncio.run(on_loop_thread("held-here"))
     assert not asyncio.run(on_loop_thread("held-elsewhere"))  # waits on a peer: pool thread
+    catalog.store = dataclasses.replace(catalog.store, kind="milvus")  # searches over a socket
+    assert not asyncio.run(on_loop_thread("held-here"))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balancing is Linux's")

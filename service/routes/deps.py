@@ -57,13 +57,13 @@ T = TypeVar("T")
 async def for_session(engine: Engine, session_id: str, func: Callable[..., T], *args: Any) -> T:
     """Run ``func(*args)``, an engine call for one session, where it costs least.
 
-    For a session this process holds, right here on the event loop's thread: the call is
-    short CPU work that holds the GIL, so a worker thread could not run it alongside anything
-    else, and the GIL hand-offs between the loop and pool threads cost a quarter more CPU per
-    feed page (benchmarks/service.py). A session another worker holds is waited on in the
-    thread pool: the call goes there over a socket.
+    For a session this process holds, over FAISS indexes, right here on the event loop's
+    thread: the call is short CPU work that holds the GIL, so a worker thread could not run it
+    alongside anything else, and the GIL hand-offs between the loop and pool threads cost a
+    quarter more CPU per feed page (benchmarks/service.py). In the thread pool otherwise: a
+    session another worker holds is waited on over a socket, and so is a Milvus search.
     """
-    if engine.holds_session(session_id):
+    if engine.holds_session(session_id) and engine.searches_in_process:
         return func(*args)
     return await run_in_threadpool(func, *args)
 
