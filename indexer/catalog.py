@@ -283,8 +283,6 @@ class Catalog:
         # the writes that change a row (replace, update_metadata, delete) drop it from these.
         self._item_cache = RowCache(ITEM_CACHE_SIZE, self._read_items)
         self._terms_cache = RowCache(TERMS_CACHE_SIZE, self._read_terms)
-        self._cache_version = 0  # writes that dropped cached rows
-        self._revision_lock = threading.Lock()
         self._alignment: tuple[int, NDArray[np.float32]] | None = None
         self._alignment_writes = 0  # changes to alignment rows: the cached array's version
 
@@ -400,7 +398,7 @@ class Catalog:
     def revision(self) -> int:
         """A number that changes with every write this process makes to items, their filter
         columns or alignment scores: cached search results compare it to know they are stale."""
-        return self._cache_version + self._alignment_writes
+        return self._item_cache.version + self._alignment_writes
 
     def generation(self) -> int:
         """The count of committed writes that changed items (stamps the FAISS snapshots)."""
@@ -737,8 +735,6 @@ class Catalog:
     def _forget(self, keys: Iterable[int]) -> None:
         """Drop cached rows that a write changed or removed."""
         keys = [int(k) for k in keys]
-        with self._revision_lock:
-            self._cache_version += 1
         self._item_cache.forget(keys)
         self._terms_cache.forget(keys)
 

@@ -52,6 +52,11 @@ class RowCache(Generic[Row]):
                 rows.popitem(last=False)
         return found
 
+    @property
+    def version(self) -> int:
+        """How many ``forget`` calls (writes) this cache has seen."""
+        return self._version
+
     def forget(self, keys: Iterable[int]) -> None:
         with self._lock:
             self._version += 1

@@ -464,14 +464,12 @@ class Engine:
         candidates.set_vectors(TERM_SPACE, term_matrix([(t.tags, t.prompt_terms) for t in terms]))
         ranked = self._rank(session, candidates, terms)
         picks = self._pick(session, ranked, size)
-        items = {
-            item.key: item
-            for item in self.catalog.items([int(ranked.pool.keys[p.rank]) for p in picks])
-        }
+        picked_keys = [int(ranked.pool.keys[p.rank]) for p in picks]
+        items = {item.key: item for item in self.catalog.items(picked_keys)}
         picked = [
             (items[key], float(ranked.scores[p.rank]), p.kind)
-            for p in picks
-            if (key := int(ranked.pool.keys[p.rank])) in items  # else deleted meanwhile
+            for key, p in zip(picked_keys, picks, strict=True)
+            if key in items  # else deleted meanwhile
         ]
         now = self._clock()
         session.record_served(Served(item.id, kind, score, now) for item, score, kind in picked)
