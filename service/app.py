@@ -111,7 +111,7 @@ def open_engine(settings: Settings, owners: SessionOwners | None = None) -> Engi
 
 def serve_engine(settings: Settings, engine: Engine, sock: socket.socket | None = None) -> None:
     """Serve the API over ``engine`` until told to stop, on ``settings.host``/``port`` or on
-    ``sock`` (a listening socket several worker processes share)."""
+    ``sock`` (a worker process's listening socket, see ``service/workers.py``)."""
     import uvicorn
 
     config = uvicorn.Config(
