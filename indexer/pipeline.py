@@ -1,9 +1,13 @@
 """Dump -> catalog: read records, decode ahead of the encoders, batch, encode, commit, resume.
 
 Decoding runs on a thread pool ahead of the encoders (PIL releases the GIL while decoding), in
-a bounded window so memory stays flat. Each batch is one SQLite transaction, so a run killed at
-any point resumes from the last committed batch; unchanged files (same size and mtime) are not
-read again, and exact duplicates (same content hash) are stored once.
+a bounded window so memory stays flat. The same workers resize and crop each image for every
+image encoder, so the main thread only runs the models: on a GPU that CPU work, done on one
+thread, held indexing to about 200 images/s (benchmarks/RESULTS.md, "GPU path").
+
+Each batch is one SQLite transaction, so a run killed at any point resumes from the last
+committed batch; unchanged files (same size and mtime) are not read again, and exact
+duplicates (same content hash) are stored once.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import logging
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -25,7 +30,7 @@ from tqdm import tqdm
 from indexer.alignment import TextImageEncoder, align_catalog
 from indexer.catalog import Catalog, NewItem
 from indexer.dump import iter_dump
-from indexer.encoders.base import Encoder
+from indexer.encoders.base import Encoder, ImageEncoder
 from indexer.errors import ImageRejected
 from indexer.images import ImageLimits, decode_image
 from indexer.records import DumpRecord, SkippedEntry
@@ -121,6 +126,8 @@ class Decoded:
     content_hash: str
     image: Image.Image | None = None
     rejection: ImageRejected | None = None
+    # space -> this image as that space's ImageEncoder.preprocess made it (one row)
+    prepared: dict[str, Any] = field(default_factory=dict)
 
 
 def hash_bytes(data: bytes) -> str:
@@ -145,16 +152,40 @@ def decode_file(record: DumpRecord, config: PipelineConfig) -> Decoded:
     return Decoded(**base, content_hash=content_hash, image=image)  # type: ignore[arg-type]
 
 
+def prepare(item: Decoded, encoders: Mapping[str, Encoder]) -> Decoded:
+    """``item`` with its image preprocessed for every image encoder (a decode worker's job)."""
+    if item.image is None:
+        return item
+    image = item.image
+    prepared = {
+        space: encoder.preprocess([image])
+        for space, encoder in encoders.items()
+        if isinstance(encoder, ImageEncoder)
+    }
+    return replace(item, prepared=prepared) if prepared else item
+
+
 def encode_batch(
-    encoders: Mapping[str, Encoder], images: list[Image.Image], records: list[DumpRecord]
+    encoders: Mapping[str, Encoder],
+    images: list[Image.Image],
+    records: list[DumpRecord],
+    prepared: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Vectors for every space: image encoders see the images, the text encoder the prompts.
 
-    Items without any text get a zero vector in the text space (they match no prompt).
+    ``prepared`` (one mapping per image, from :func:`prepare`) spares the image encoders their
+    preprocessing. Items without any text get a zero vector in the text space (they match no
+    prompt).
     """
     vectors: dict[str, np.ndarray] = {}
     for space, encoder in encoders.items():
-        if space == "text":
+        if isinstance(encoder, ImageEncoder) and prepared and all(space in p for p in prepared):
+            rows = np.concatenate([p[space] for p in prepared])
+            step = encoder.batch_size
+            vectors[space] = np.concatenate(
+                [encoder.forward(rows[i : i + step]) for i in range(0, len(rows), step)]
+            )
+        elif space == "text":
             texts = [text_for_embedding(r.prompt, r.tags) for r in records]
             block = np.zeros((len(records), encoder.dim), dtype=np.float32)
             present = [i for i, t in enumerate(texts) if t]
@@ -196,7 +227,8 @@ class _Batcher:
         if self.pending:
             images = [d.image for d in self.pending if d.image is not None]
             records = [d.record for d in self.pending]
-            vectors = encode_batch(self.encoders, images, records)
+            prepared = [d.prepared for d in self.pending]
+            vectors = encode_batch(self.encoders, images, records, prepared)
             self.catalog.add([_new_item(d) for d in self.pending], vectors)
             self.report.indexed += len(self.pending)
             self.pending, self.pending_hashes = [], {}
@@ -247,7 +279,7 @@ def index_dump(
     batcher = _Batcher(catalog, encoders, report, config.batch_size)
     bar = tqdm(unit="img", desc="indexing", disable=not config.progress, dynamic_ncols=True)
     try:
-        for item in _decoded_stream(root, catalog, config, report):
+        for item in _decoded_stream(root, catalog, encoders, config, report):
             if item.rejection is not None:
                 report.skipped[item.rejection.reason] += 1
                 catalog.record_skip(
@@ -275,14 +307,22 @@ def index_dump(
 
 
 def _decoded_stream(
-    root: Path, catalog: Catalog, config: PipelineConfig, report: IndexReport
+    root: Path,
+    catalog: Catalog,
+    encoders: Mapping[str, Encoder],
+    config: PipelineConfig,
+    report: IndexReport,
 ) -> Iterator[Decoded]:
-    """Decoded records in dump order, decoding up to ``prefetch_batches`` batches ahead."""
+    """Decoded and prepared records in dump order, up to ``prefetch_batches`` batches ahead."""
     window = max(1, config.prefetch_batches * config.batch_size)
+
+    def work(record: DumpRecord) -> Decoded:
+        return prepare(decode_file(record, config), encoders)
+
     with ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode") as pool:
         inflight: deque[Future[Decoded]] = deque()
         for record in _records_to_process(root, catalog, config, report):
-            inflight.append(pool.submit(decode_file, record, config))
+            inflight.append(pool.submit(work, record))
             if len(inflight) >= window:
                 yield inflight.popleft().result()
         while inflight:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,9 +16,11 @@ import pytest
 from PIL import Image
 
 from indexer.catalog import Catalog
-from indexer.pipeline import PipelineConfig, Shard, index_dump
+from indexer.encoders import create_encoder
+from indexer.encoders.base import ImageEncoder
+from indexer.pipeline import PipelineConfig, Shard, encode_batch, index_dump
 from indexer.sample_dump import write_sample_dump
-from tests.fakes import fake_encoders, specs
+from tests.fakes import HashTextEncoder, fake_encoders, specs
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +139,33 @@ def test_sigkill_part_way_then_resume_gives_the_uninterrupted_result(
         np.testing.assert_allclose(
             resumed.vectors("visual", [key]), reference.vectors("visual", [ref_key]), atol=1e-6
         )
+
+
+def test_decode_workers_prepare_images_for_image_encoders(
+    sample_dump: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resizing and cropping run in the decode pool, not on the thread that runs the models,
+    and the vectors are the ones ``embed_batch`` gives for the same images."""
+    pixels = create_encoder("pixels")
+    assert isinstance(pixels, ImageEncoder)
+    threads: list[str] = []
+    preprocess = pixels.preprocess
+
+    def spy(items: list[Image.Image]) -> object:
+        threads.append(threading.current_thread().name)
+        return preprocess(items)
+
+    monkeypatch.setattr(pixels, "preprocess", spy)
+    encoders = {"visual": pixels, "text": HashTextEncoder()}
+    catalog = Catalog.create_or_open(tmp_path / "cat", {s: e.spec for s, e in encoders.items()})
+    config = PipelineConfig(batch_size=8, progress=False)
+    report = index_dump(sample_dump, catalog, encoders, config)
+    assert report.indexed > 8 and len(catalog) == report.indexed
+    assert len(threads) >= report.indexed and all(t.startswith("decode") for t in threads)
+
+    stored = [catalog.item(row["id"]) for row in truth(sample_dump) if not row["broken"]][:10]
+    images = [Image.open(item.file).convert("RGB") for item in stored if item is not None]
+    prepared = [{"visual": preprocess([image])} for image in images]
+    with_prepared = encode_batch({"visual": pixels}, images, [], prepared)["visual"]
+    np.testing.assert_array_equal(with_prepared, pixels.embed_batch(images))
+    assert len(with_prepared) == len(images) >= 6
