@@ -465,8 +465,24 @@ class Catalog:
         keys = np.zeros(len(items), dtype=np.int64)
         now = time.time()
         with self._lock, translate_disk_full("adding items to the catalog"), self._conn:
+            # Statements per batch rather than per item: indexing on a GPU waits on this thread.
+            known = self._keys_by_id([item.record.id for item in items])
+            tags: dict[int, Sequence[str]] = {}
             for i, item in enumerate(items):
-                keys[i] = self._upsert_item(item, now)
+                keys[i] = known[item.record.id] = self._upsert_item(item, now, known)
+                tags[int(keys[i])] = item.record.tags  # an id given twice: its last tags
+            self._conn.executemany(
+                "DELETE FROM skipped WHERE file = ?", ((item.file,) for item in items)
+            )
+            # An alias whose file now holds bytes of its own is an item from here on, not both.
+            self._conn.executemany(
+                "DELETE FROM duplicates WHERE id = ?", ((item.record.id,) for item in items)
+            )
+            self._conn.executemany("DELETE FROM item_tags WHERE key = ?", ((k,) for k in tags))
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO item_tags (tag, key) VALUES (?, ?)",
+                ((tag, key) for key, item_tags in tags.items() for tag in item_tags),
+            )
             for space in self.spaces:
                 block = np.ascontiguousarray(vectors[space], dtype=np.float32)
                 self._conn.executemany(
@@ -1102,7 +1118,19 @@ class Catalog:
     def _bump_generation(self) -> None:
         self._conn.execute("UPDATE state SET value = value + 1 WHERE name = 'generation'")
 
-    def _upsert_item(self, item: NewItem, now: float) -> int:
+    def _keys_by_id(self, ids: Sequence[str]) -> dict[str, int]:
+        """id -> key of the stored items among ``ids`` (on the write connection)."""
+        found: dict[str, int] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT id, key FROM items WHERE id IN ({marks})"
+            found.update((i, int(k)) for i, k in self._conn.execute(sql, chunk))
+        return found
+
+    def _upsert_item(self, item: NewItem, now: float, known: Mapping[str, int]) -> int:
+        """Insert or update the item's row (``known``: id -> key of stored items); the
+        caller writes its tags and clears its skip and alias rows."""
         values = _record_values(item.record)
         values.update(
             file=item.file,
@@ -1115,9 +1143,8 @@ class Catalog:
         )
         if item.extra_meta:
             values["meta"] = json.dumps({**item.record.meta, **item.extra_meta}, default=str)
-        row = self._conn.execute("SELECT key FROM items WHERE id = ?", (item.record.id,)).fetchone()
-        if row is not None:
-            key = int(row[0])
+        key = known.get(item.record.id)
+        if key is not None:
             self._conn.execute(
                 f"UPDATE items SET {', '.join(f'{c} = ?' for c in values)} WHERE key = ?",
                 (*values.values(), key),
@@ -1132,10 +1159,6 @@ class Catalog:
                 (item.record.id, *values.values(), now),
             )
             key = int(cursor.lastrowid or 0)
-        self._conn.execute("DELETE FROM skipped WHERE file = ?", (item.file,))
-        # An alias whose file now holds bytes of its own is an item from here on, not both.
-        self._conn.execute("DELETE FROM duplicates WHERE id = ?", (item.record.id,))
-        self._set_tags(key, item.record.tags)
         return key
 
     def _set_tags(self, key: int, tags: Sequence[str]) -> None:

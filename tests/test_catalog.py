@@ -404,3 +404,30 @@ def test_an_index_that_no_longer_suits_its_size_is_rebuilt_when_opened(tmp_path:
     assert reopened.manifest["spaces"]["visual"]["index"].startswith("IVF")
     assert json.loads((path / MANIFEST).read_text())["spaces"]["visual"]["index"].startswith("IVF")
     reopened.close()
+
+
+def test_add_of_an_id_given_twice_keeps_its_last_version(tmp_path: Path) -> None:
+    """One key, the last row and tags; its skip and alias rows are cleared."""
+    cat = Catalog.create_or_open(tmp_path / "cat", SPECS)
+    items, vectors = make_items(0, 3, np.random.default_rng(1))
+    cat.record_skip(items[1].file, "corrupt", "test", 1, 1)
+    cat.add_duplicate("2", 0, items[2].file, 1, 1)  # "2" was an alias of item 0
+    last = NewItem(
+        record=DumpRecord(id="1", image_path=Path("/dump/1b.png"), tags=("green",)),
+        file="/dump/1b.png",
+        content_hash="hash1b",
+        file_size=7,
+        file_mtime_ns=7,
+        width=32,
+        height=32,
+    )
+    keys = cat.add([*items, last], {s: np.vstack([v, v[:1]]) for s, v in vectors.items()})
+    assert keys[1] == keys[3] and len(cat) == 3
+    item = cat.item("1")
+    assert item is not None and item.file == "/dump/1b.png" and item.tags == ("green",)
+    assert cat.keys_with_tags(["green"]).tolist() == [keys[1]]
+    assert keys[1] not in cat.keys_with_tags(["blue"]).tolist()
+    assert cat.file_state(items[1].file) is None  # no longer a skip, and not the item's file
+    assert cat.key_for_id("2") == keys[2]  # an item of its own now, not an alias of item 0
+    state = cat.file_state(items[2].file)
+    assert state is not None and state.kind == "item"
