@@ -2,8 +2,9 @@
 
 Decoding runs on a thread pool ahead of the encoders (PIL releases the GIL while decoding), in
 a bounded window so memory stays flat. The same workers resize and crop each image for every
-image encoder, so the main thread only runs the models: on a GPU that CPU work, done on one
-thread, held indexing to about 200 images/s (benchmarks/RESULTS.md, "GPU path").
+image encoder, so the main thread only runs the models: on one H200 that CPU work, done on a
+single thread, held decoding and encoding to about 200 images/s (benchmarks/RESULTS.md,
+"GPU path").
 
 Each batch is one SQLite transaction, so a run killed at any point resumes from the last
 committed batch; unchanged files (same size and mtime) are not read again, and exact
