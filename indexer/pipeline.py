@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import zlib
 from collections import Counter, deque
@@ -63,10 +64,16 @@ class Shard:
         return zlib.crc32(item_id.encode()) % self.count == self.index
 
 
+def default_decode_workers() -> int:
+    """One decode worker per core, up to 16: they decode, resize and crop, and on a GPU box
+    they are what keeps the models fed (benchmarks/RESULTS.md, "GPU path")."""
+    return min(os.cpu_count() or 2, 16)
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     batch_size: int = 32
-    decode_workers: int = 2
+    decode_workers: int = field(default_factory=default_decode_workers)
     prefetch_batches: int = 4
     checkpoint_seconds: float = 60.0
     limits: ImageLimits = field(default_factory=ImageLimits)

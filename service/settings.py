@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from indexer.pipeline import default_decode_workers
 from indexer.vector_index import IndexPolicy
 from indexer.vector_store import StoreConfig
 from recommender.generate import GenerationConfig
@@ -27,7 +28,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware has it
 
     batch_size: int = Field(32, ge=1, le=4096)
-    decode_workers: int = Field(2, ge=1, le=64)
+    decode_workers: int = Field(
+        default_factory=default_decode_workers,
+        ge=1,
+        le=64,
+        description="threads that decode, resize and crop images (default: cores, up to 16)",
+    )
     faiss_gpu: bool = Field(
         False, description="build FAISS IVF indexes on GPU 0 (searches stay on the CPU)"
     )
