@@ -430,12 +430,22 @@ class Catalog:
     # -- incremental indexing support -----------------------------------------------------
     def file_state(self, file: str) -> FileState | None:
         """What is known about ``file`` (an item, a duplicate alias, or a skip), if anything."""
+        return self.file_states([file]).get(file)
+
+    def file_states(self, files: Sequence[str]) -> dict[str, FileState]:
+        """:meth:`file_state` of each of ``files`` that the catalog knows, in a few queries."""
+        states: dict[str, FileState] = {}
+        first_key: dict[str, int] = {}  # several items may share a file: the first one wins
         with self._lock:
             for kind, sql in _FILE_STATE_QUERIES:
-                row = self._conn.execute(sql, (file,)).fetchone()
-                if row:
-                    return FileState(kind, *row)
-        return None
+                wanted = [f for f in dict.fromkeys(files) if f not in states]
+                for start in range(0, len(wanted), 500):
+                    chunk = wanted[start : start + 500]
+                    query = sql.format(marks=",".join("?" * len(chunk)))
+                    for file, key, *row in self._conn.execute(query, chunk):
+                        if file not in states or key < first_key[file]:
+                            states[file], first_key[file] = FileState(kind, *row), key
+        return states
 
     def key_for_hash(self, content_hash: str) -> int | None:
         with self._lock:
@@ -1249,14 +1259,23 @@ class Catalog:
 
 
 # Where a file may be known from, first match wins: (kind, query -> id, hash, size, mtime).
+# (kind, query) in priority order; each row is (file, a key ordering rows of one file, state).
 _FILE_STATE_QUERIES = (
-    ("item", "SELECT id, content_hash, file_size, file_mtime_ns FROM items WHERE file = ? LIMIT 1"),
+    (
+        "item",
+        "SELECT file, key, id, content_hash, file_size, file_mtime_ns FROM items "
+        "WHERE file IN ({marks})",
+    ),
     (
         "duplicate",
-        "SELECT d.id, i.content_hash, d.file_size, d.file_mtime_ns FROM duplicates d "
-        "JOIN items i ON i.key = d.of_key WHERE d.file = ? LIMIT 1",
+        "SELECT d.file, d.rowid, d.id, i.content_hash, d.file_size, d.file_mtime_ns "
+        "FROM duplicates d JOIN items i ON i.key = d.of_key WHERE d.file IN ({marks})",
     ),
-    ("skipped", "SELECT reason, NULL, file_size, file_mtime_ns FROM skipped WHERE file = ?"),
+    (
+        "skipped",
+        "SELECT file, 0, reason, NULL, file_size, file_mtime_ns FROM skipped "
+        "WHERE file IN ({marks})",
+    ),
 )
 
 _ITEM_COLUMNS = (

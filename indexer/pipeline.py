@@ -41,6 +41,7 @@ from indexer.text import text_for_embedding
 log = logging.getLogger(__name__)
 
 POSITIONS_BATCH = 1000  # dump positions recorded per transaction
+FILE_CHECKS_BATCH = 256  # files looked up in the catalog per query
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,7 @@ def _records_to_process(
 
     Every record's position in the dump's order is recorded (see ``lookalike merge``)."""
     positions: list[tuple[str, int]] = []
+    stated: list[tuple[DumpRecord, os.stat_result]] = []
     for position, entry in enumerate(iter_dump(root)):
         if isinstance(entry, SkippedEntry):
             report.skipped[entry.reason] += 1
@@ -356,12 +358,26 @@ def _records_to_process(
             catalog.record_dump_positions(positions)
             positions = []
         try:
-            stat = entry.image_path.stat()
+            stated.append((entry, entry.image_path.stat()))
         except OSError as exc:
             report.skipped["unreadable"] += 1
             log.info("skipped %s: %s", entry.image_path, exc)
             continue
-        state = catalog.file_state(str(entry.image_path))
+        if len(stated) >= FILE_CHECKS_BATCH:
+            yield from _new_or_changed(stated, catalog, report)
+            stated = []
+    yield from _new_or_changed(stated, catalog, report)
+    catalog.record_dump_positions(positions)
+
+
+def _new_or_changed(
+    stated: list[tuple[DumpRecord, os.stat_result]], catalog: Catalog, report: IndexReport
+) -> Iterator[DumpRecord]:
+    """The records whose files the catalog does not know as they are now (one lookup for
+    all of them: each SQLite call on this thread waits for the GIL the decode pool holds)."""
+    states = catalog.file_states([str(entry.image_path) for entry, _ in stated])
+    for entry, stat in stated:
+        state = states.get(str(entry.image_path))
         unchanged = (
             state is not None
             and state.file_size == stat.st_size
@@ -379,4 +395,3 @@ def _records_to_process(
             report.duplicates += 1
         else:
             yield entry
-    catalog.record_dump_positions(positions)

@@ -431,3 +431,21 @@ def test_add_of_an_id_given_twice_keeps_its_last_version(tmp_path: Path) -> None
     assert cat.key_for_id("2") == keys[2]  # an item of its own now, not an alias of item 0
     state = cat.file_state(items[2].file)
     assert state is not None and state.kind == "item"
+
+
+def test_file_states_answers_many_files_as_file_state_does_one(catalog: Catalog) -> None:
+    """An item's file, an alias's file, a skipped file, an unknown one; more than a chunk."""
+    of_key = catalog.key_for_id("1")
+    assert of_key is not None
+    catalog.add_duplicate("alias", of_key, "/dump/alias.png", 5, 6)
+    catalog.record_skip("/dump/broken.png", "corrupt", "test", 7, 8)
+    files = [f"/dump/{i}.png" for i in range(40)] + ["/dump/alias.png", "/dump/broken.png"]
+    files += [f"/nowhere/{i}.png" for i in range(600)]
+    states = catalog.file_states(files)
+    assert set(states) == set(files[:42])
+    assert states == {f: catalog.file_state(f) for f in files[:42]}
+    assert [states[f].kind for f in files[39:42]] == ["item", "duplicate", "skipped"]
+    assert states["/dump/3.png"].id == "3" and states["/dump/3.png"].file_size == 103
+    assert states["/dump/alias.png"].content_hash == "hash1"  # the stored item's bytes
+    broken = states["/dump/broken.png"]
+    assert broken.id == "corrupt" and broken.file_mtime_ns == 8
