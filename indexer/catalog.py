@@ -439,10 +439,8 @@ class Catalog:
         with self._lock:
             for kind, sql in _FILE_STATE_QUERIES:
                 wanted = [f for f in dict.fromkeys(files) if f not in states]
-                for start in range(0, len(wanted), 500):
-                    chunk = wanted[start : start + 500]
-                    query = sql.format(marks=",".join("?" * len(chunk)))
-                    for file, key, *row in self._conn.execute(query, chunk):
+                for chunk, marks in _in_batches(wanted):
+                    for file, key, *row in self._conn.execute(sql.format(marks=marks), chunk):
                         if file not in states or key < first_key[file]:
                             states[file], first_key[file] = FileState(kind, *row), key
         return states
@@ -752,9 +750,7 @@ class Catalog:
 
     def _read_by_key(self, columns: str, keys: list[int]) -> list[Any]:
         rows = []
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_batches(keys):
             rows += self._read(f"SELECT {columns} FROM items WHERE key IN ({marks})", chunk)
         return rows
 
@@ -874,14 +870,11 @@ class Catalog:
     def dump_positions(self, ids: Sequence[str]) -> dict[str, int]:
         """The recorded dump positions of ``ids`` (ids without one are left out)."""
         found: dict[str, int] = {}
-        for start in range(0, len(ids), 500):
-            chunk = list(ids[start : start + 500])
+        for chunk, marks in _in_batches(ids):
             with self._lock:
                 found.update(
                     self._conn.execute(
-                        "SELECT id, position FROM dump_positions "
-                        f"WHERE id IN ({','.join('?' * len(chunk))})",
-                        chunk,
+                        f"SELECT id, position FROM dump_positions WHERE id IN ({marks})", chunk
                     )
                 )
         return found
@@ -950,12 +943,10 @@ class Catalog:
     def item_files(self, keys: Sequence[int]) -> dict[int, tuple[str, int, int]]:
         """(file, file size, file mtime ns) of the items ``keys``, by key."""
         found: dict[int, tuple[str, int, int]] = {}
-        for start in range(0, len(keys), 500):
-            chunk = [int(k) for k in keys[start : start + 500]]
+        for chunk, marks in _in_batches([int(k) for k in keys]):
             with self._lock:
                 rows = self._conn.execute(
-                    "SELECT key, file, file_size, file_mtime_ns FROM items "
-                    f"WHERE key IN ({','.join('?' * len(chunk))})",
+                    f"SELECT key, file, file_size, file_mtime_ns FROM items WHERE key IN ({marks})",
                     chunk,
                 ).fetchall()
             found.update((key, (file, size, mtime)) for key, file, size, mtime in rows)
@@ -976,12 +967,10 @@ class Catalog:
         dim = int(self.manifest["encoders"][space]["dim"])
         out = np.zeros((len(keys), dim), dtype=np.float32)
         row_of = {int(k): i for i, k in enumerate(keys)}
-        for start in range(0, len(keys), 500):
-            chunk = [int(k) for k in keys[start : start + 500]]
+        for chunk, marks in _in_batches([int(k) for k in keys]):
             with self._lock:
                 rows = self._conn.execute(
-                    "SELECT key, vec FROM vectors "
-                    f"WHERE space = ? AND key IN ({','.join('?' * len(chunk))})",
+                    f"SELECT key, vec FROM vectors WHERE space = ? AND key IN ({marks})",
                     (space, *chunk),
                 ).fetchall()
             if len(rows) != len(set(chunk)):
@@ -993,13 +982,11 @@ class Catalog:
     def alignment_rows(self, keys: Sequence[int]) -> dict[int, float | None]:
         """Stored alignment rows of ``keys``: a score, or None for "no prompt to score"."""
         found: dict[int, float | None] = {}
-        for start in range(0, len(keys), 500):
-            chunk = [int(k) for k in keys[start : start + 500]]
+        for chunk, marks in _in_batches([int(k) for k in keys]):
             with self._lock:
                 found.update(
                     self._conn.execute(
-                        "SELECT key, score FROM alignment "
-                        f"WHERE key IN ({','.join('?' * len(chunk))})",
+                        f"SELECT key, score FROM alignment WHERE key IN ({marks})",
                         chunk,
                     )
                 )
@@ -1101,9 +1088,7 @@ class Catalog:
     def _attributes(self, keys: Sequence[int]) -> list[ItemAttributes]:
         """Stored attributes of ``keys`` (all must be items), in the same order."""
         found: dict[int, ItemAttributes] = {}
-        for start in range(0, len(keys), 500):
-            chunk = [int(k) for k in keys[start : start + 500]]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_batches([int(k) for k in keys]):
             with self._lock:
                 rows = self._conn.execute(
                     f"SELECT i.key, i.nsfw_level, i.base_model, i.tags, a.score FROM items i "
@@ -1131,9 +1116,7 @@ class Catalog:
     def _keys_by_id(self, ids: Sequence[str]) -> dict[str, int]:
         """id -> key of the stored items among ``ids`` (on the write connection)."""
         found: dict[str, int] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_batches(ids):
             sql = f"SELECT id, key FROM items WHERE id IN ({marks})"
             found.update((i, int(k)) for i, k in self._conn.execute(sql, chunk))
         return found
@@ -1259,6 +1242,16 @@ class Catalog:
 
 
 # Where a file may be known from, first match wins: (kind, query -> id, hash, size, mtime).
+_IN_BATCH = 500  # values per ``IN (...)``: well under SQLite's limit on bound parameters
+
+
+def _in_batches(values: Sequence[Any]) -> Iterator[tuple[list[Any], str]]:
+    """``values`` in slices for ``IN (...)`` queries, each with its ``?,?,...`` marks."""
+    for start in range(0, len(values), _IN_BATCH):
+        chunk = list(values[start : start + _IN_BATCH])
+        yield chunk, ",".join("?" * len(chunk))
+
+
 # (kind, query) in priority order; each row is (file, a key ordering rows of one file, state).
 _FILE_STATE_QUERIES = (
     (
