@@ -486,11 +486,7 @@ class Catalog:
             self._conn.executemany(
                 "DELETE FROM duplicates WHERE id = ?", ((item.record.id,) for item in items)
             )
-            self._conn.executemany("DELETE FROM item_tags WHERE key = ?", ((k,) for k in tags))
-            self._conn.executemany(
-                "INSERT OR IGNORE INTO item_tags (tag, key) VALUES (?, ?)",
-                ((tag, key) for key, item_tags in tags.items() for tag in item_tags),
-            )
+            self._set_tags(tags)
             for space in self.spaces:
                 block = np.ascontiguousarray(vectors[space], dtype=np.float32)
                 self._conn.executemany(
@@ -521,7 +517,7 @@ class Catalog:
             )
             if cursor.rowcount == 0:
                 return False
-            self._set_tags(int(row[0]), record.tags)
+            self._set_tags({int(row[0]): record.tags})
             self._conn.execute("DELETE FROM alignment WHERE key = ?", (int(row[0]),))
             self._alignment_writes += 1
             self._bump_generation()
@@ -1154,11 +1150,12 @@ class Catalog:
             key = int(cursor.lastrowid or 0)
         return key
 
-    def _set_tags(self, key: int, tags: Sequence[str]) -> None:
-        self._conn.execute("DELETE FROM item_tags WHERE key = ?", (key,))
+    def _set_tags(self, tags: Mapping[int, Sequence[str]]) -> None:
+        """Replace the tag rows of each key with its tags."""
+        self._conn.executemany("DELETE FROM item_tags WHERE key = ?", ((k,) for k in tags))
         self._conn.executemany(
             "INSERT OR IGNORE INTO item_tags (tag, key) VALUES (?, ?)",
-            ((tag, key) for tag in tags),
+            ((tag, key) for key, item_tags in tags.items() for tag in item_tags),
         )
 
     def _load_columns(self) -> None:
