@@ -43,7 +43,7 @@ MANIFEST = "manifest.json"
 DATABASE = "catalog.sqlite"
 INDEX_DIR = "faiss"
 ITEM_CACHE_SIZE = 20_000  # item rows kept in memory (about 1 KB each)
-TERMS_CACHE_SIZE = 100_000  # items' tags and prompt terms kept in memory (about 0.5 KB each)
+SUMMARY_CACHE_SIZE = 100_000  # item summaries kept in memory (about 0.7 KB each)
 
 # Named migrations, applied in order; PRAGMA user_version counts how many ran.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
@@ -123,12 +123,27 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 PROMPT_TERMS_CHUNK = 20_000  # rows parsed per transaction when a catalog's prompts are re-read
 
 
-class ItemTerms(NamedTuple):
-    """An item's tags and prompt terms: what re-ranking reads of every candidate."""
+class ItemSummary(NamedTuple):
+    """What a feed page reads of every candidate: the tags and prompt terms that re-rank it,
+    and what a page shows of it (far less to decode than a ``CatalogItem``)."""
 
     key: int
+    id: str
+    prompt: str | None
     tags: tuple[str, ...]
     prompt_terms: tuple[str, ...]
+    width: int | None
+    height: int | None
+    nsfw_level: int
+    source: str
+
+    @property
+    def nsfw_name(self) -> str:
+        return nsfw_level_name(self.nsfw_level)
+
+    @property
+    def generated(self) -> bool:
+        return self.source == "generated"
 
 
 @dataclass(frozen=True)
@@ -168,11 +183,16 @@ class CatalogItem:
 
     @property
     def nsfw_name(self) -> str:
-        return NSFW_LEVELS[min(max(self.nsfw_level, 0), len(NSFW_LEVELS) - 1)]
+        return nsfw_level_name(self.nsfw_level)
 
     @property
     def generated(self) -> bool:
         return self.source == "generated"
+
+
+def nsfw_level_name(level: int) -> str:
+    """civitai's name of an nsfw level (levels past the known ones take the last name)."""
+    return NSFW_LEVELS[min(max(level, 0), len(NSFW_LEVELS) - 1)]
 
 
 @dataclass(frozen=True)
@@ -282,7 +302,7 @@ class Catalog:
         # Successive pages of a scroll re-read most of their candidates, so rows are cached;
         # the writes that change a row (replace, update_metadata, delete) drop it from these.
         self._item_cache = RowCache(ITEM_CACHE_SIZE, self._read_items)
-        self._terms_cache = RowCache(TERMS_CACHE_SIZE, self._read_terms)
+        self._summary_cache = RowCache(SUMMARY_CACHE_SIZE, self._read_summaries)
         self._alignment: tuple[int, NDArray[np.float32]] | None = None
         self._alignment_writes = 0  # changes to alignment rows: the cached array's version
 
@@ -726,21 +746,31 @@ class Catalog:
         """Items for ``keys``, in the same order; keys that are gone are left out."""
         return self._item_cache.get(keys)
 
-    def item_terms(self, keys: Sequence[int]) -> list[ItemTerms]:
-        """The tags and prompt terms of ``keys``, in the same order, gone keys left out: what
-        re-ranking reads of every candidate (a page shows only a fifth of them)."""
-        return self._terms_cache.get(keys)
+    def item_summaries(self, keys: Sequence[int]) -> list[ItemSummary]:
+        """Summaries of ``keys``, in the same order, gone keys left out: what a feed page
+        reads of every candidate it re-ranks."""
+        return self._summary_cache.get(keys)
 
     def _read_items(self, keys: list[int]) -> dict[int, CatalogItem]:
         return {row[0]: _item_from_row(row) for row in self._read_by_key(_ITEM_COLUMNS, keys)}
 
-    def _read_terms(self, keys: list[int]) -> dict[int, ItemTerms]:
+    def _read_summaries(self, keys: list[int]) -> dict[int, ItemSummary]:
         return {
-            key: ItemTerms(key, tuple(orjson.loads(tags)), _decoded_terms(terms, prompt))
-            for key, tags, terms, prompt in self._read_by_key(
-                # the prompt only for rows whose terms are still unparsed
-                "key, tags, prompt_terms, CASE WHEN prompt_terms IS NULL THEN prompt END",
-                keys,
+            key: ItemSummary(
+                key,
+                item_id,
+                prompt,
+                tuple(orjson.loads(tags)),
+                _decoded_terms(terms, prompt),
+                width,
+                height,
+                nsfw_level,
+                source,
+            )
+            for key, item_id, prompt, tags, terms, width, height, nsfw_level, source in (
+                self._read_by_key(
+                    "key, id, prompt, tags, prompt_terms, width, height, nsfw_level, source", keys
+                )
             )
         }
 
@@ -754,7 +784,7 @@ class Catalog:
         """Drop cached rows that a write changed or removed."""
         keys = [int(k) for k in keys]
         self._item_cache.forget(keys)
-        self._terms_cache.forget(keys)
+        self._summary_cache.forget(keys)
 
     def item(self, item_id: str) -> CatalogItem | None:
         key = self.key_for_id(item_id)

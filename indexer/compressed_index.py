@@ -454,12 +454,16 @@ class CompressedIndex:
         exclude: Collection[int],
         admitted: int,
     ) -> Keys:
-        """The compressed search's best ``k * refine_factor`` keys per query (-1: none)."""
+        """The compressed search's best keys per query to score exactly (-1: none)."""
         assert self._ivf is not None and self._nprobe is not None and self._refine is not None
         selector, keep_alive = id_selector(allowed, exclude)
         # The refine factor was tuned at recall_k: a smaller k re-ranks as many candidates, since
-        # fewer would rank its first results on the codes' error alone.
-        wanted = min(max(k, self.policy.recall_k) * self._refine, self._count)
+        # fewer would rank its first results on the codes' error alone. A larger k (a scroll's
+        # deeper search) adds only its extra results: its first recall_k keep the tuned recall,
+        # and scoring ``k * refine`` rows costs about 0.6 us a row (random reads of the float16
+        # vectors). At 1M, k = 200: 2.9 against 4.3 ms a search, recall@200 0.91 against 0.93.
+        recall_k = self.policy.recall_k
+        wanted = min(recall_k * self._refine + max(0, k - recall_k), self._count)
         nlist = int(faiss.extract_index_ivf(self._ivf).nlist)
         # The k best allowed keys lie as far out as the k / f best of all (f: the fraction
         # allowed); probing up to 4x more lists recovers part of that (measured at 1M, 10 %

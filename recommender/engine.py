@@ -4,7 +4,8 @@ A page is built in four steps: retrieve the k nearest unseen items to the steere
 the session's primary space and in its prompt (``text``) space (metadata filters), re-rank
 them with prompt / tag / CLIP similarity against the session's local vocabulary, pick 15 top
 matches plus 5 exploration picks, and remember what was served so that the scroll never
-repeats.
+repeats. Until feedback, a mute or a write changes what ranked them, the next pages pick
+among the same ranked candidates (those still unseen) instead of searching again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from indexer.build import create_encoders, recorded_specs
-from indexer.catalog import Catalog, CatalogItem, ItemTerms
+from indexer.catalog import Catalog, CatalogItem, ItemSummary
 from indexer.encoders.base import Encoder
 from indexer.images import ImageLimits, decode_image, read_embedded_metadata
 from indexer.vector_index import IndexPolicy
@@ -49,10 +50,10 @@ from recommender.explore import ExploreConfig, Pick, make_page
 from recommender.feedback import Steerer, SteeringConfig, make_steerer, score_dwell
 from recommender.generate import Generator
 from recommender.rerank import RerankConfig, prompt_terms, rerank
-from recommender.retrieve import Candidates, Filters, retrieve
+from recommender.retrieve import Filters, retrieve
 from recommender.sessions import FeedbackEvent as StoredEvent
 from recommender.sessions import (
-    Retrieved,
+    Ranking,
     Served,
     Session,
     SessionConfig,
@@ -90,10 +91,9 @@ class EngineConfig:
         default_factory=lambda: ImageLimits(max_bytes=20 * 2**20, max_pixels=40_000_000)
     )
     max_page: int = 100
-    # A page's search fetches this many times k per space; while the session's query stays
-    # put (a scroll without feedback), the following pages take their k nearest unseen items
-    # from that surplus instead of searching again. 1 searches for every page.
-    retrieval_depth: int = 2
+    # A scroll without feedback pages through one re-ranked search while enough of it is
+    # unseen (see ``_ranking``); False searches and re-ranks for every page.
+    reuse_ranking: bool = True
 
     @property
     def page_size(self) -> int:
@@ -243,6 +243,7 @@ class Engine:
         session = self.sessions.get(session_id)
         with session.lock:
             session.vocabulary.mute(term)
+            session.ranking = None  # muted terms rank lower now
 
     def delete_session(self, session_id: str) -> None:
         if (owners := self._elsewhere(session_id)) is not None:
@@ -429,7 +430,7 @@ class Engine:
         session.query = dict(session.q0)
         session.steering = {space: self.steerer.init_state(v) for space, v in session.q0.items()}
         session.filters = filters or Filters()
-        session.retrieved.clear()
+        session.ranking = None
         session.primary = next(
             space for space in (self.primary_space, "clip", "text") if space in vectors
         )
@@ -454,27 +455,22 @@ class Engine:
         size -= len(generated)
         if size <= 0:  # a page of new images: nothing to retrieve this time
             return Page(session.id, page_items, sparse=False, generating=session.pending_generation)
-        candidates = self._retrieve(session, max(self.config.k, 2 * size))
-        # Re-ranking reads only the candidates' terms; full rows are read for the picks.
-        found = {t.key: t for t in self.catalog.item_terms(candidates.keys.tolist())}
-        candidates = candidates.take(
-            np.fromiter((k in found for k in candidates.keys.tolist()), bool)
-        )
-        terms = [found[k] for k in candidates.keys.tolist()]
-        candidates.set_vectors(TERM_SPACE, term_matrix([(t.tags, t.prompt_terms) for t in terms]))
-        ranked = self._rank(session, candidates, terms)
-        picks = self._pick(session, ranked, size)
-        picked_keys = [int(ranked.pool.keys[p.rank]) for p in picks]
-        items = {item.key: item for item in self.catalog.items(picked_keys)}
+        ranking, ranked_pool = self._ranking(session, size)
+        # A page picks among the best of the ranking: the top ones and the explore window.
+        n = min(max(self.config.explore.explore_to, size), len(ranking))
+        summaries = {s.key: s for s in self.catalog.item_summaries(ranking.keys[:n].tolist())}
+        window = self._window(session, ranking, ranked_pool, summaries, n)
+        picks = self._pick(session, window, size)
+        picked_keys = [int(window.keys[p.rank]) for p in picks]
         picked = [
-            (items[key], float(ranked.scores[p.rank]), p.kind)
+            (summaries[key], float(ranking.scores[p.rank]), p.kind)
             for key, p in zip(picked_keys, picks, strict=True)
-            if key in items  # else deleted meanwhile
+            if key in summaries  # else deleted meanwhile
         ]
         now = self._clock()
         session.record_served(Served(item.id, kind, score, now) for item, score, kind in picked)
         session.seen_keys.update(item.key for item, _, _ in picked)
-        sparse = self._is_sparse(session, candidates, size)
+        sparse = ranking.sparse
         if sparse and self.generator is not None and not session.generated_inbox:
             session.pending_generation = self.generator.request(session, self)
         page_items += [_page_item(item, score, kind) for item, score, kind in picked]
@@ -502,47 +498,99 @@ class Engine:
         others = [s for s in QUERY_SPACES if s != session.primary and s in session.query]
         return [session.primary, *others]
 
-    def _retrieve(self, session: Session, k: int) -> _Pool:
+    def _ranking(self, session: Session, size: int) -> tuple[Ranking, _Pool | None]:
+        """The session's unseen candidates re-ranked, best first, for a page of ``size``, and
+        the pool they were ranked from when they are new.
+
+        A search re-ranks the ``k`` nearest unseen items (at least two pages' worth). While
+        nothing that ranked them changes (a scroll without feedback: the query, vocabulary,
+        filters and catalog stay put), the next pages take the best unseen of them, as long
+        as they fill a page's explore window: re-ranking them again would give the same
+        order, so a scroll searches for every third page instead of every page."""
+        cfg = self.config
+        kept = session.ranking
+        if cfg.reuse_ranking and kept is not None and kept.revision == self.catalog.revision:
+            left = kept.unseen(session.seen_keys)
+            if left.complete or len(left) >= max(cfg.explore.explore_to, 2 * size):
+                if left.complete:  # nothing lies beyond: judge what is left
+                    left = replace(left, sparse=self._is_sparse(left, size))
+                session.ranking = left
+                return left, None
+        revision = self.catalog.revision
+        candidates, complete = self._retrieve(session, max(cfg.k, 2 * size))
+        # Summaries, not full rows: re-ranking needs only terms, and a page shows a fifth.
+        found = {s.key: s for s in self.catalog.item_summaries(candidates.keys.tolist())}
+        candidates = candidates.take(
+            np.fromiter((k in found for k in candidates.keys.tolist()), bool)
+        )
+        summaries = [found[k] for k in candidates.keys.tolist()]
+        candidates.set_vectors(
+            TERM_SPACE, term_matrix([(s.tags, s.prompt_terms) for s in summaries])
+        )
+        ranked = self._rank(session, candidates, summaries)
+        pool = ranked.pool
+        near = pool.vectors(session.primary) @ session.q0[session.primary]
+        ranking = Ranking(
+            revision,
+            pool.keys,
+            ranked.scores,
+            cosines=pool.scores,
+            near=near >= self.config.similarity_floor,
+            complete=complete,
+            sparse=False,
+        )
+        session.ranking = replace(ranking, sparse=self._is_sparse(ranking, size))
+        return session.ranking, pool
+
+    def _window(
+        self,
+        session: Session,
+        ranking: Ranking,
+        pool: _Pool | None,
+        summaries: Mapping[int, ItemSummary],
+        n: int,
+    ) -> _Pool:
+        """The ``n`` best of ``ranking`` with the vectors that exploration scores them in:
+        taken from the pool just ranked, else read (``summaries``: theirs)."""
+        if pool is not None:
+            return pool.take(np.arange(n))
+        window = _Pool(self.catalog, ranking.keys[:n], ranking.cosines[:n])
+        if TERM_SPACE in session.steering:
+            empty: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+            pairs = [
+                (s.tags, s.prompt_terms) if (s := summaries.get(k)) is not None else empty
+                for k in window.keys.tolist()
+            ]
+            window.set_vectors(TERM_SPACE, term_matrix(pairs))
+        return window
+
+    def _retrieve(self, session: Session, k: int) -> tuple[_Pool, bool]:
         """The ``k`` nearest unseen, allowed items to the steered query in each query space,
         merged, and the ``k`` of them that match it best over all those spaces (re-ranking
-        costs grow with the pool); best first, ``scores`` are cosines in the primary space."""
-        found = [self._nearest(session, space, k) for space in self._query_spaces(session)]
+        costs grow with the pool); best first, ``scores`` are cosines in the primary space.
+        True with them when nothing beyond them qualifies (each search came back short)."""
+        found = [
+            retrieve(
+                self.catalog,
+                space,
+                session.query[space],
+                k,
+                filters=session.filters,
+                seen=session.seen_keys,
+            )
+            for space in self._query_spaces(session)
+        ]
+        complete = all(len(c) < k for c in found)
         if len(found) == 1:
-            return _Pool(self.catalog, found[0].keys, found[0].scores)
+            return _Pool(self.catalog, found[0].keys, found[0].scores), complete
         keys = np.unique(np.concatenate([c.keys for c in found]))
         merged = _Pool(self.catalog, keys, np.zeros(len(keys), dtype=np.float32))
         merged.scores = (merged.vectors(session.primary) @ session.query[session.primary]).astype(
             np.float32
         )
         relevance = np.nan_to_num(self._query_similarity(session, merged), nan=-np.inf)
-        return merged.take(np.argsort(-relevance, kind="stable")[:k])
-
-    def _nearest(self, session: Session, space: str, k: int) -> Candidates:
-        """The ``k`` nearest unseen, allowed items to the session's query in ``space``.
-
-        While the query stays where the session's previous search put it (a scroll without
-        feedback) and the catalog has not changed, they come from that search's surplus: the
-        seen set only grows, so its first ``k`` unseen items are what a new search would
-        return. A new search goes ``retrieval_depth`` times deeper, unless the query has just
-        moved: a steered session's next query moves again, so the surplus would go unused."""
-        query = session.query[space]
-        kept = session.retrieved.get(space)
-        revision = self.catalog.revision
-        moved = kept is not None and not np.array_equal(kept.query, query)
-        if kept is not None and not moved and kept.revision == revision:
-            seen = session.seen_keys
-            unseen = np.fromiter((key not in seen for key in kept.keys.tolist()), bool)
-            if kept.complete or np.count_nonzero(unseen) >= k:
-                at = np.flatnonzero(unseen)[:k]
-                return Candidates(kept.keys[at], kept.scores[at])
-        depth = k if moved else k * max(self.config.retrieval_depth, 1)
-        found = retrieve(
-            self.catalog, space, query, depth, filters=session.filters, seen=session.seen_keys
-        )
-        session.retrieved[space] = Retrieved(
-            query.copy(), revision, found.keys, found.scores, complete=len(found) < depth
-        )
-        return Candidates(found.keys[:k], found.scores[:k])
+        order = np.argsort(-relevance, kind="stable")[:k]
+        return merged.take(order), complete and len(keys) <= k
 
     def _query_similarity(self, session: Session, candidates: _Pool) -> NDArray[np.float64]:
         """How well each candidate matches the steered query: its cosine per query space,
@@ -567,7 +615,7 @@ class Engine:
         total = np.nansum(stacked, axis=0)
         return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
 
-    def _rank(self, session: Session, candidates: _Pool, found: list[ItemTerms]) -> _Ranked:
+    def _rank(self, session: Session, candidates: _Pool, found: list[ItemSummary]) -> _Ranked:
         text_vecs = candidates.vectors("text") if "text" in self.spaces else None
         clip_sim = None
         if "clip" in self.spaces and "clip" in session.query and session.primary != "clip":
@@ -584,7 +632,7 @@ class Engine:
         order = result.order
         return _Ranked(pool=candidates.take(order), scores=result.scores[order])
 
-    def _pick(self, session: Session, ranked: _Ranked, size: int) -> list[Pick]:
+    def _pick(self, session: Session, window: _Pool, size: int) -> list[Pick]:
         explore = self.config.explore
         if size != explore.page_size:  # scale the 15 + 5 split to the requested page size
             n_explore = round(size * explore.n_explore / max(explore.page_size, 1))
@@ -596,11 +644,11 @@ class Engine:
                 interleave=explore.interleave,
             )
         rng = self._rng(session)
-        scores = self._explore_scores(session, ranked.pool, rng)
-        picks = make_page(len(ranked.pool), explore, rng, scores)
+        scores = self._explore_scores(session, window, rng)
+        picks = make_page(len(window), explore, rng, scores)
         if len(picks) < size:  # large pages outgrow the explore window: fill with top ranks
             used = {p.rank for p in picks}
-            spare = [r for r in range(len(ranked.pool)) if r not in used]
+            spare = [r for r in range(len(window)) if r not in used]
             picks += [Pick(r, "top") for r in spare[: size - len(picks)]]
         return picks
 
@@ -624,15 +672,15 @@ class Engine:
             total = z if total is None else total + z
         return None if total is None else total.astype(np.float32)
 
-    def _is_sparse(self, session: Session, candidates: _Pool, size: int) -> bool:
-        """Fewer than a page of unseen candidates near the *original* query."""
-        if len(candidates) < size:
+    def _is_sparse(self, ranking: Ranking, size: int) -> bool:
+        """Fewer than a page of unseen candidates near the *original* query would be left
+        after this page (a page taken from an earlier search keeps that search's verdict:
+        what lies beyond its candidates is not known without searching again)."""
+        if len(ranking) < size:
             return True
-        q0 = session.q0[session.primary]
-        vectors = candidates.vectors(session.primary)
-        near = int(np.count_nonzero(vectors @ q0 >= self.config.similarity_floor))
+        near = int(np.count_nonzero(ranking.near))
         # The steered query moves away from q0; also count what is near where it points now.
-        near_now = int(np.count_nonzero(candidates.scores >= self.config.similarity_floor))
+        near_now = int(np.count_nonzero(ranking.cosines >= self.config.similarity_floor))
         left_after_this_page = max(near, near_now) - size
         return left_after_this_page < size
 
@@ -677,6 +725,7 @@ class Engine:
                 vectors = self.catalog.vectors(space, known_keys)
             session.query[space] = self.steerer.update(state, vectors, known_scores)
         self._learn_vocabulary(session, known_keys, known_scores, by_key)
+        session.ranking = None  # ranked for the query before
 
     def _learn_vocabulary(
         self,
@@ -761,7 +810,7 @@ class _Ranked:
     scores: NDArray[np.float32]
 
 
-def _page_item(item: CatalogItem, score: float, pick: str) -> PageItem:
+def _page_item(item: CatalogItem | ItemSummary, score: float, pick: str) -> PageItem:
     return PageItem(
         id=item.id,
         score=round(score, 5),

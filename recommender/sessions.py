@@ -7,7 +7,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,16 +79,43 @@ class FeedbackEvent:
 
 
 @dataclass(frozen=True)
-class Retrieved:
-    """One space's search for a session: the query vector it ran with, the catalog revision
-    it saw, and what it found, best first. ``complete``: fewer items than asked qualified,
-    so nothing beyond these would come back either."""
+class Ranking:
+    """A session's re-ranked candidates, best first, and the catalog revision they were
+    ranked on. While nothing that ranked them changes (the session's query, vocabulary and
+    filters; the catalog), the scroll's next pages take the best unseen of them instead of
+    searching and re-ranking again.
 
-    query: Vector
+    ``scores`` are the fused re-rank scores, ``cosines`` the candidates' cosines to the steered
+    query in the primary space, ``near`` which of them lie within the similarity floor of the
+    original query; ``complete``: the search found every item that qualifies, so nothing lies
+    beyond these; ``sparse``: the sparse signal of the pages taken from them.
+    """
+
     revision: int
     keys: NDArray[np.int64]
     scores: NDArray[np.float32]
+    cosines: NDArray[np.float32]
+    near: NDArray[np.bool_]
     complete: bool
+    sparse: bool
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def unseen(self, seen: Collection[int]) -> Ranking:
+        """The candidates not in ``seen``, in the same order."""
+        keep = np.fromiter((key not in seen for key in self.keys.tolist()), bool, len(self.keys))
+        if keep.all():
+            return self
+        return Ranking(
+            self.revision,
+            self.keys[keep],
+            self.scores[keep],
+            self.cosines[keep],
+            self.near[keep],
+            self.complete,
+            self.sparse,
+        )
 
 
 @dataclass(eq=False)
@@ -126,9 +153,9 @@ class Session:
     filters: Filters = field(default_factory=Filters)
     primary: str = "visual"
     seen_keys: set[int] = field(default_factory=set)
-    # Per query space, the nearest items last retrieved, deeper than a page needs: the next
-    # pages come from them while the query stays where it was (the engine checks).
-    retrieved: dict[str, Retrieved] = field(default_factory=dict)
+    # The last search's re-ranked candidates: the next pages come from them while nothing
+    # that ranked them changes (the engine drops them on feedback, a mute or a new query).
+    ranking: Ranking | None = None
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
@@ -293,7 +320,7 @@ class SessionStore:
 __all__ = [
     "Clock",
     "FeedbackEvent",
-    "Retrieved",
+    "Ranking",
     "Served",
     "Session",
     "SessionConfig",

@@ -318,22 +318,24 @@ def test_prompt_terms_are_parsed_when_an_item_is_written(catalog: Catalog) -> No
     assert item.prompt_terms == ("red hair", "cat")
 
 
-def test_item_terms_match_the_items_and_follow_writes(catalog: Catalog) -> None:
+def test_item_summaries_match_the_items_and_follow_writes(catalog: Catalog) -> None:
     keys = [catalog.key_for_id(i) for i in ("9", "gone", "3", "2")]
     wanted = [k for k in keys if k is not None] + [10_000]  # a key that never existed
-    terms = catalog.item_terms(wanted)
+    terms = catalog.item_summaries(wanted)
     items = catalog.items(wanted)
-    assert [(t.key, t.tags, t.prompt_terms) for t in terms] == [
-        (i.key, i.tags, i.prompt_terms) for i in items
+    fields = ("key", "id", "prompt", "tags", "prompt_terms", "width", "height", "nsfw_name")
+    assert [[getattr(t, f) for f in fields] for t in terms] == [
+        [getattr(i, f) for f in fields] for i in items
     ]
+    assert all(t.generated == i.generated for t, i in zip(terms, items, strict=True))
     assert [t.key for t in terms] == wanted[:3]  # in order, the missing key left out
     # Both caches follow a metadata update and a delete.
     changed = DumpRecord(id="3", image_path=Path("/dump/3.png"), prompt="cat", tags=("new",))
     assert catalog.update_metadata("3", changed)
-    (updated,) = catalog.item_terms([wanted[1]])
+    (updated,) = catalog.item_summaries([wanted[1]])
     assert updated.tags == ("new",) and updated.prompt_terms == ("cat",)
     assert catalog.delete(["9"]) == ["9"]
-    assert [t.key for t in catalog.item_terms(wanted)] == wanted[1:3]
+    assert [t.key for t in catalog.item_summaries(wanted)] == wanted[1:3]
 
 
 def test_a_row_cache_keeps_no_row_read_while_a_write_dropped_it() -> None:

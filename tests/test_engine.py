@@ -164,41 +164,62 @@ def count_searches(catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> list[in
     return asked
 
 
-def test_a_scroll_without_feedback_pages_from_one_deeper_search_with_the_same_pages(
+def test_a_scroll_without_feedback_pages_through_one_deeper_ranking(
     catalog: Catalog, ids: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     asked = count_searches(catalog, monkeypatch)
+    engine = make_engine(catalog, seed=4)
+    page = engine.search(ItemQuery(ids[9]))
+    session = engine.sessions.get(page.session_id)
+    served = [item.id for item in page.items]
+    for _ in range(2):
+        ranking = session.ranking
+        assert ranking is not None
+        left = [
+            (key, round(score, 5))
+            for key, score in zip(ranking.keys.tolist(), ranking.scores.tolist(), strict=True)
+            if key not in session.seen_keys
+        ]
+        page = engine.feed(page.session_id)
+        shown = [(catalog.key_for_id(item.id), item.score, item.pick) for item in page.items]
+        # Not re-ranked: the top picks are the best unseen of the ranking, with its scores,
+        # and the explore picks come from its ranks 15-50.
+        assert [(key, score) for key, score, pick in shown if pick == "top"] == left[:15]
+        explore = {key for key, _, pick in shown if pick == "explore"}
+        assert len(explore) == 5 and explore <= {key for key, _ in left[15:50]}
+        served += [item.id for item in page.items]
+    # 100 candidates ranked: 20 served a page leaves the explore window's 50 for two more
+    # pages, then it searches again (one search per query space).
+    assert asked == [100, 100]
+    served += [item.id for p in scroll(engine, page, 4)[1:] for item in p.items]
+    assert asked == [100, 100, 100, 100]
+    assert len(served) == 120 == len(set(served))
+    # Ranking afresh for every page serves the same first page and then others.
+    fresh = make_engine(catalog, seed=4, reuse_ranking=False)
+    again = scroll(fresh, fresh.search(ItemQuery(ids[9])), 3)
+    assert [i.id for i in again[0].items] == served[:20]
+    assert asked[4:] == [100] * 6
 
-    def pages(depth: int) -> list[list[tuple[str, str, float]]]:
-        engine = make_engine(catalog, seed=4, k=40, retrieval_depth=depth)
-        first = engine.search(ItemQuery(ids[9]))
-        return [[(i.id, i.pick, i.score) for i in p.items] for p in scroll(engine, first, 5)]
 
-    every_page = pages(depth=1)
-    searched_every_page = list(asked)
-    asked.clear()
-    assert pages(depth=2) == every_page  # the surplus holds exactly what a new search finds
-    assert len(searched_every_page) == 5 * 2  # two query spaces (visual, text) per page
-    # 80 deep: 20 served a page leaves the 40 a page needs for three more pages, then again.
-    assert asked == [80, 80, 80, 80]
-
-
-def test_a_moved_query_or_a_changed_catalog_searches_again(
+def test_feedback_a_mute_or_a_changed_catalog_ranks_again(
     catalog: Catalog, ids: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     asked = count_searches(catalog, monkeypatch)
-    engine = make_engine(catalog, k=40, retrieval_depth=2)
+    engine = make_engine(catalog)
     first = engine.search(ItemQuery(ids[10]))
-    engine.feedback(first.session_id, events(first))
     engine.feed(first.session_id)
-    # Steered: the query moved, so the search asks only for a page's worth (it moves again).
-    assert asked == [80, 80, 40, 40]
-    engine.feed(first.session_id)  # held still since: deep again, and the next page
-    engine.feed(first.session_id)  # comes from its surplus
-    assert asked[4:] == [80, 80]
+    assert len(asked) == 2  # the second page came from the first search
+    engine.feedback(first.session_id, events(first))
+    engine.feed(first.session_id)  # steered: a new query
+    assert len(asked) == 4
+    engine.feed(first.session_id)  # held still since: from that search
+    assert len(asked) == 4
+    engine.mute(first.session_id, "portrait")
+    engine.feed(first.session_id)
+    assert len(asked) == 6
     monkeypatch.setattr(Catalog, "revision", property(lambda self: -1))  # a write happened
     engine.feed(first.session_id)
-    assert asked[6:] == [80, 80]
+    assert len(asked) == 8
 
 
 # --------------------------------------------------------------------------- determinism
