@@ -302,7 +302,9 @@ class Catalog:
         # Successive pages of a scroll re-read most of their candidates, so rows are cached;
         # the writes that change a row (replace, update_metadata, delete) drop it from these.
         self._item_cache = RowCache(ITEM_CACHE_SIZE, self._read_items)
-        self._summary_cache = RowCache(SUMMARY_CACHE_SIZE, self._read_summaries)
+        self._summary_cache: RowCache[tuple[Any, ...]] = RowCache(
+            SUMMARY_CACHE_SIZE, self._read_summaries
+        )
         self._alignment: tuple[int, NDArray[np.float32]] | None = None
         self._alignment_writes = 0  # changes to alignment rows: the cached array's version
 
@@ -749,14 +751,16 @@ class Catalog:
     def item_summaries(self, keys: Sequence[int]) -> list[ItemSummary]:
         """Summaries of ``keys``, in the same order, gone keys left out: what a feed page
         reads of every candidate it re-ranks."""
-        return self._summary_cache.get(keys)
+        return [ItemSummary._make(row) for row in self._summary_cache.get(keys)]
 
     def _read_items(self, keys: list[int]) -> dict[int, CatalogItem]:
         return {row[0]: _item_from_row(row) for row in self._read_by_key(_ITEM_COLUMNS, keys)}
 
-    def _read_summaries(self, keys: list[int]) -> dict[int, ItemSummary]:
+    def _read_summaries(self, keys: list[int]) -> dict[int, tuple[Any, ...]]:
+        # Cached as plain tuples (``ItemSummary`` fields): Python's cycle collector stops
+        # scanning a tuple of strings and numbers, and the cache holds 100,000 of them.
         return {
-            key: ItemSummary(
+            key: (
                 key,
                 item_id,
                 prompt,

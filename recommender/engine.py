@@ -694,7 +694,7 @@ class Engine:
 
     # -- internals: feedback ----------------------------------------------------------------
     def _steer(self, session: Session, events: Sequence[FeedbackEvent]) -> None:
-        order = {served.image_id: i for i, served in enumerate(session.served)}
+        order = {image_id: i for i, (image_id, *_) in enumerate(session.served)}
         events = sorted(events, key=lambda e: order.get(e.image_id, len(order)))
         keys = [self.catalog.key_for_id(e.image_id) for e in events]
         known = [(e, k) for e, k in zip(events, keys, strict=True) if k is not None]

@@ -216,7 +216,8 @@ def _liked_ids(session: Session, n: int) -> list[str]:
     liked = sorted((e for e in session.feedback if e.score > 0), key=lambda e: -e.score)
     ids = list(dict.fromkeys(e.image_id for e in liked))
     if not ids:
-        tops = sorted((s for s in session.served if s.pick == "top"), key=lambda s: -s.score)
+        served = session.served_items()
+        tops = sorted((s for s in served if s.pick == "top"), key=lambda s: -s.score)
         ids = list(dict.fromkeys(s.image_id for s in tops))
     return ids[:n]
 

@@ -277,9 +277,10 @@ def _tag_similarity(
 
 
 @functools.lru_cache(maxsize=1 << 15)
-def _normalised(terms: tuple[str, ...]) -> frozenset[str]:
+def _normalised(terms: tuple[str, ...]) -> tuple[str, ...]:
     """A candidate's distinct normalised terms (cached: successive pages share candidates)."""
-    return frozenset(normalise_term(t) for t in terms) - {""}
+    # A tuple of strings leaves the cycle collector (a frozenset would stay tracked).
+    return tuple(sorted({normalise_term(t) for t in terms} - {""}))
 
 
 def _has_muted(

@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -57,8 +57,7 @@ class SessionConfig:
             raise ValueError("need ttl_s > 0 and max_sessions >= 1")
 
 
-@dataclass(frozen=True)
-class Served:
+class Served(NamedTuple):
     """One item served to a session: its id, how it was picked, its fused score, when."""
 
     image_id: str
@@ -134,7 +133,10 @@ class Session:
     last_used: float
     vocabulary: LocalVocabulary
     dwell: DwellStats
-    served: deque[Served]
+    # Served records as plain tuples (``Served`` fields): Python's cycle collector stops
+    # scanning a tuple of strings and numbers, and sessions keep thousands of these; a full
+    # collection that scanned them all would stall every request for a second or more.
+    served: deque[tuple[str, str, float, float]]
     feedback: deque[FeedbackEvent]
     max_event_ids: int = 10_000
     q0: dict[str, Vector] = field(default_factory=dict)
@@ -172,9 +174,13 @@ class Session:
     def record_served(self, items: Iterable[Served]) -> None:
         """Remember served items and mark them seen."""
         for item in items:
-            self.served.append(item)
+            self.served.append((item.image_id, item.pick, item.score, item.at))
             self.seen.setdefault(item.image_id, None)
             self.n_served += 1
+
+    def served_items(self) -> list[Served]:
+        """The served records kept, oldest first."""
+        return [Served._make(record) for record in self.served]
 
     def accept_event(self, event_id: str) -> bool:
         """True the first time an event id is offered, False for a duplicate (idempotency)."""

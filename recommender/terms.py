@@ -47,10 +47,12 @@ def _term_slots(term: str) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=1 << 15)
-def _slots(tags: tuple[str, ...], terms: tuple[str, ...]) -> list[int]:
+def _slots(tags: tuple[str, ...], terms: tuple[str, ...]) -> tuple[int, ...]:
     """An item's distinct slots: ``term_features`` hashed (cached too: successive pages
     share most candidates)."""
-    return sorted({slot for term in _item_terms(tags, terms) for slot in _term_slots(term)})
+    # A tuple of ints, unlike a list, leaves Python's cycle collector: a full collection scans
+    # every tracked object, and a serving process holds tens of thousands of these.
+    return tuple(sorted({slot for term in _item_terms(tags, terms) for slot in _term_slots(term)}))
 
 
 def term_vector(tags: Iterable[str], prompt: str | None) -> Vector:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,6 +221,25 @@ def test_feedback_a_mute_or_a_changed_catalog_ranks_again(
     monkeypatch.setattr(Catalog, "revision", property(lambda self: -1))  # a write happened
     engine.feed(first.session_id)
     assert len(asked) == 8
+
+
+def test_served_records_and_cached_summaries_leave_the_cycle_collector(
+    catalog: Catalog, ids: list[str]
+) -> None:
+    """Sessions keep thousands of served records and the catalog caches 100k summaries: a
+    full collection that scanned each of them stalled every request for a fifth of a
+    second at 1M items, so they are kept as plain tuples, which the collector stops
+    tracking."""
+    engine = make_engine(catalog)
+    page = engine.search(ItemQuery(ids[3]))
+    session = engine.sessions.get(page.session_id)
+    gc.collect()
+    assert len(session.served) == 20
+    assert not any(gc.is_tracked(record) for record in session.served)
+    assert [s.image_id for s in session.served_items()] == [i.id for i in page.items]
+    keys = [catalog.key_for_id(item.id) for item in page.items]
+    rows = catalog._summary_cache.get(keys)  # noqa: SLF001 - what the cache holds
+    assert len(rows) == 20 and not any(gc.is_tracked(row) for row in rows)
 
 
 # --------------------------------------------------------------------------- determinism
