@@ -137,14 +137,6 @@ class ItemSummary(NamedTuple):
     nsfw_level: int
     source: str
 
-    @property
-    def nsfw_name(self) -> str:
-        return nsfw_level_name(self.nsfw_level)
-
-    @property
-    def generated(self) -> bool:
-        return self.source == "generated"
-
 
 @dataclass(frozen=True)
 class CatalogItem:

@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from indexer.build import create_encoders, recorded_specs
-from indexer.catalog import Catalog, CatalogItem, ItemSummary
+from indexer.catalog import Catalog, CatalogItem, ItemSummary, nsfw_level_name
 from indexer.encoders.base import Encoder
 from indexer.images import ImageLimits, decode_image, read_embedded_metadata
 from indexer.vector_index import IndexPolicy
@@ -819,6 +819,6 @@ def _page_item(item: CatalogItem | ItemSummary, score: float, pick: str) -> Page
         tags=item.tags,
         width=item.width,
         height=item.height,
-        nsfw_level=item.nsfw_name,
-        generated=item.generated,
+        nsfw_level=nsfw_level_name(item.nsfw_level),
+        generated=item.source == "generated",
     )
