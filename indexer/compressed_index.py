@@ -458,10 +458,11 @@ class CompressedIndex:
         assert self._ivf is not None and self._nprobe is not None and self._refine is not None
         selector, keep_alive = id_selector(allowed, exclude)
         # The refine factor was tuned at recall_k: a smaller k re-ranks as many candidates, since
-        # fewer would rank its first results on the codes' error alone. A larger k (a scroll's
-        # deeper search) adds only its extra results: its first recall_k keep the tuned recall,
-        # and scoring ``k * refine`` rows costs about 0.6 us a row (random reads of the float16
-        # vectors). At 1M, k = 200: 2.9 against 4.3 ms a search, recall@200 0.91 against 0.93.
+        # fewer would rank its first results on the codes' error alone. A larger k (a page of
+        # more than 50, a clip-retrieval client's num_images) adds only its extra results: its
+        # first recall_k keep the tuned recall, and scoring ``k * refine`` rows costs about
+        # 0.6 us a row (random reads of the float16 vectors). At 1M, k = 200: 2.9 against 4.3 ms
+        # a search, recall@200 0.91 against 0.93.
         recall_k = self.policy.recall_k
         wanted = min(recall_k * self._refine + max(0, k - recall_k), self._count)
         nlist = int(faiss.extract_index_ivf(self._ivf).nlist)
