@@ -179,12 +179,17 @@ class CatalogItem:
 
     @property
     def generated(self) -> bool:
-        return self.source == "generated"
+        return is_generated(self.source)
 
 
 def nsfw_level_name(level: int) -> str:
     """civitai's name of an nsfw level (levels past the known ones take the last name)."""
     return NSFW_LEVELS[min(max(level, 0), len(NSFW_LEVELS) - 1)]
+
+
+def is_generated(source: str) -> bool:
+    """Whether an item with this ``source`` was made by the generator (not from the dump)."""
+    return source == "generated"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from indexer.build import create_encoders, recorded_specs
-from indexer.catalog import Catalog, CatalogItem, ItemSummary, nsfw_level_name
+from indexer.catalog import (
+    Catalog,
+    CatalogItem,
+    ItemSummary,
+    is_generated,
+    nsfw_level_name,
+)
 from indexer.encoders.base import Encoder
 from indexer.images import ImageLimits, decode_image, read_embedded_metadata
 from indexer.vector_index import IndexPolicy
@@ -820,5 +826,5 @@ def _page_item(item: CatalogItem | ItemSummary, score: float, pick: str) -> Page
         width=item.width,
         height=item.height,
         nsfw_level=nsfw_level_name(item.nsfw_level),
-        generated=item.source == "generated",
+        generated=is_generated(item.source),
     )
