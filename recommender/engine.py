@@ -575,14 +575,11 @@ class Engine:
         merged, and the ``k`` of them that match it best over all those spaces (re-ranking
         costs grow with the pool); best first, ``scores`` are cosines in the primary space.
         True with them when nothing beyond them qualifies (each search came back short)."""
+        # One array of the seen keys for every space's search (a long scroll has thousands).
+        seen = np.fromiter(session.seen_keys, dtype=np.int64, count=len(session.seen_keys))
         found = [
             retrieve(
-                self.catalog,
-                space,
-                session.query[space],
-                k,
-                filters=session.filters,
-                seen=session.seen_keys,
+                self.catalog, space, session.query[space], k, filters=session.filters, seen=seen
             )
             for space in self._query_spaces(session)
         ]

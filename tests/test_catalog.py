@@ -81,6 +81,34 @@ def test_search_respects_filters_and_exclusions(catalog: Catalog) -> None:
     assert len(found) == int(allowed.sum()) - len(excluded & set(np.flatnonzero(allowed)))
 
 
+def test_a_filter_mask_is_reused_until_a_write_changes_what_it_allows(catalog: Catalog) -> None:
+    no_red = Filters(tags_excluded=("red",))
+    mask = catalog.allowed_mask(no_red)
+    assert mask is not None and catalog.allowed_mask(no_red) is mask
+    assert not mask.flags.writeable  # shared by every search with these filters
+    query = catalog.vectors("visual", [catalog.key_for_id("3")])
+    _, before = catalog.search("visual", query, 40, filters=no_red)
+    three = catalog.key_for_id("3")
+    assert three in before[0]
+    red = DumpRecord(id="3", image_path=Path("/dump/3.png"), prompt="prompt 3", tags=("red",))
+    assert catalog.update_metadata("3", red)
+    _, after = catalog.search("visual", query, 40, filters=no_red)
+    assert three not in after[0]  # the write rebuilt the mask
+    assert catalog.allowed_mask(no_red) is not mask
+
+
+def test_exclusions_as_an_array_of_keys_leave_those_out(catalog: Catalog) -> None:
+    # How the engine passes a session's seen keys; unknown and negative keys are harmless.
+    query = catalog.vectors("visual", [catalog.key_for_id("3")])
+    _, all_keys = catalog.search("visual", query, 40)
+    seen = np.concatenate([all_keys[0, :15], [-1, 10_000_000]]).astype(np.int64)
+    for filters in (None, Filters(max_nsfw_level=3)):
+        _, keys = catalog.search("visual", query, 40, filters=filters, exclude=seen)
+        found = keys[0][keys[0] >= 0]
+        assert not set(found.tolist()) & set(seen.tolist())
+        assert len(found) == 25
+
+
 def test_items_round_trip_metadata_in_requested_order(catalog: Catalog) -> None:
     keys = [catalog.key_for_id(i) for i in ("9", "2")]
     items = catalog.items([k for k in keys if k is not None])
