@@ -29,7 +29,7 @@ from indexer.compressed_index import CompressedIndex
 from indexer.encoders.base import EncoderSpec
 from indexer.errors import CatalogError, DiskFullError, EncoderMismatchError
 from indexer.filters import Filters, ItemAttributes
-from indexer.prompts import PROMPT_TERMS_VERSION, prompt_terms
+from indexer.prompts import PROMPT_TERMS_VERSION, item_terms, prompt_terms
 from indexer.records import NSFW_LEVELS, DumpRecord
 from indexer.row_cache import RowCache
 from indexer.storage import atomic_write_bytes, translate_disk_full
@@ -133,6 +133,7 @@ class ItemSummary(NamedTuple):
     prompt: str | None
     tags: tuple[str, ...]
     prompt_terms: tuple[str, ...]
+    terms: tuple[str, ...]  # ``item_terms``: worked out once per read, not once per page
     width: int | None
     height: int | None
     nsfw_level: int
@@ -173,6 +174,11 @@ class CatalogItem:
     def meta(self) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(self.meta_json)
         return value
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """Its distinct normalised tags and prompt terms (``item_terms``)."""
+        return item_terms(self.tags, self.prompt_terms)
 
     @property
     def nsfw_name(self) -> str:
@@ -761,24 +767,8 @@ class Catalog:
     def _read_summaries(self, keys: list[int]) -> dict[int, tuple[Any, ...]]:
         # Cached as plain tuples (``ItemSummary`` fields): Python's cycle collector stops
         # scanning a tuple of strings and numbers, and the cache holds 100,000 of them.
-        return {
-            key: (
-                key,
-                item_id,
-                prompt,
-                tuple(orjson.loads(tags)),
-                _decoded_terms(terms, prompt),
-                width,
-                height,
-                nsfw_level,
-                source,
-            )
-            for key, item_id, prompt, tags, terms, width, height, nsfw_level, source in (
-                self._read_by_key(
-                    "key, id, prompt, tags, prompt_terms, width, height, nsfw_level, source", keys
-                )
-            )
-        }
+        columns = "key, id, prompt, tags, prompt_terms, width, height, nsfw_level, source"
+        return {row[0]: _summary_fields(*row) for row in self._read_by_key(columns, keys)}
 
     def _read_by_key(self, columns: str, keys: list[int]) -> list[Any]:
         rows = []
@@ -1329,6 +1319,24 @@ _ITEM_COLUMNS = (
 def _decoded_terms(stored: str | None, prompt: str | None) -> tuple[str, ...]:
     # NULL only while an upgraded catalog is being opened by another process
     return tuple(orjson.loads(stored) if stored is not None else prompt_terms(prompt))
+
+
+def _summary_fields(
+    key: int,
+    item_id: str,
+    prompt: str | None,
+    tags: str,
+    parsed: str | None,
+    width: int | None,
+    height: int | None,
+    nsfw_level: int,
+    source: str,
+) -> tuple[Any, ...]:
+    """An ``ItemSummary``'s fields from its columns."""
+    tag_tuple = tuple(orjson.loads(tags))
+    terms = _decoded_terms(parsed, prompt)
+    all_terms = item_terms(tag_tuple, terms)
+    return (key, item_id, prompt, tag_tuple, terms, all_terms, width, height, nsfw_level, source)
 
 
 def _item_from_row(row: Sequence[Any]) -> CatalogItem:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 
 PROMPT_TERMS_VERSION = 1
 """Bump when the rules below change what ``prompt_terms`` returns."""
@@ -47,6 +48,15 @@ _WORD = re.compile(r"[a-z0-9][a-z0-9'-]*[a-z0-9]|[a-z]")
 def normalise_term(term: str) -> str:
     """Lower-case, collapse white space and strip punctuation at the ends."""
     return " ".join(term.lower().replace("_", " ").split()).strip(" .,:;!?'\"-")
+
+
+def item_terms(tags: Iterable[str], prompt_terms: Iterable[str]) -> tuple[str, ...]:
+    """An item's distinct terms, sorted: its tags normalised and its prompt terms (which
+    ``prompt_terms`` gives normalised). Tag similarity and the ``terms`` space compare these."""
+    found = {normalise_term(tag) for tag in tags}
+    found.update(prompt_terms)
+    found.discard("")
+    return tuple(sorted(found))
 
 
 def prompt_terms(prompt: str | None, max_terms: int = 32) -> list[str]:

@@ -530,9 +530,7 @@ class Engine:
             np.fromiter((k in found for k in candidates.keys.tolist()), bool)
         )
         summaries = [found[k] for k in candidates.keys.tolist()]
-        candidates.set_vectors(
-            TERM_SPACE, term_matrix([(s.tags, s.prompt_terms) for s in summaries])
-        )
+        candidates.set_vectors(TERM_SPACE, term_matrix([s.terms for s in summaries]))
         ranked = self._rank(session, candidates, summaries)
         pool = ranked.pool
         near = pool.vectors(session.primary) @ session.q0[session.primary]
@@ -562,12 +560,10 @@ class Engine:
             return pool.take(np.arange(n))
         window = _Pool(self.catalog, ranking.keys[:n], ranking.cosines[:n])
         if TERM_SPACE in session.steering:
-            empty: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
-            pairs = [
-                (s.tags, s.prompt_terms) if (s := summaries.get(k)) is not None else empty
-                for k in window.keys.tolist()
+            terms = [
+                s.terms if (s := summaries.get(k)) is not None else () for k in window.keys.tolist()
             ]
-            window.set_vectors(TERM_SPACE, term_matrix(pairs))
+            window.set_vectors(TERM_SPACE, term_matrix(terms))
         return window
 
     def _retrieve(self, session: Session, k: int) -> tuple[_Pool, bool]:
@@ -623,7 +619,7 @@ class Engine:
         clip_sim = None
         if "clip" in self.spaces and "clip" in session.query and session.primary != "clip":
             clip_sim = candidates.vectors("clip") @ session.query["clip"]
-        terms = [t.tags + t.prompt_terms for t in found]
+        terms = [t.terms for t in found]
         result = rerank(
             self._query_similarity(session, candidates),
             session.vocabulary,
@@ -719,11 +715,7 @@ class Engine:
         by_key = {item.key: item for item in self.catalog.items(known_keys)}
         for space, state in session.steering.items():
             if space == TERM_SPACE:
-                pairs = [
-                    (by_key[k].tags, by_key[k].prompt_terms) if k in by_key else ((), ())
-                    for k in known_keys
-                ]
-                vectors = term_matrix(pairs)
+                vectors = term_matrix([by_key[k].terms if k in by_key else () for k in known_keys])
             else:
                 vectors = self.catalog.vectors(space, known_keys)
             session.query[space] = self.steerer.update(state, vectors, known_scores)

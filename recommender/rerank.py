@@ -7,7 +7,6 @@ tags, then those of the images the person dwelt on, weighted by dwell.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
@@ -202,7 +201,7 @@ def rerank(
 
     ``image_sim``: float (N,) cosine to the query in the primary space (NaN = missing).
     ``text_vecs``: float (N, d) prompt embeddings (``text`` space); a zero row = no prompt.
-    ``terms``: per candidate, its tags and prompt terms (``prompt_terms``); empty = none.
+    ``terms``: per candidate, its distinct normalised terms (``item_terms``); empty = none.
     ``clip_sim``: float (N,) cosine in the ``clip`` space (NaN = missing), or None.
     Without a vocabulary (or one with no prompts / terms) those signals drop out and the
     weights renormalise over what remains, so image similarity dominates.
@@ -267,8 +266,7 @@ def _tag_similarity(
     if norm == 0:
         return None
     out = np.full(n, np.nan)
-    for i, cand in enumerate(terms):
-        own = _normalised(tuple(cand))
+    for i, own in enumerate(terms):
         if own:
             out[i] = sum(map(weights.get, own, itertools.repeat(0.0))) / (
                 math.sqrt(len(own)) * norm
@@ -276,17 +274,10 @@ def _tag_similarity(
     return out
 
 
-@functools.lru_cache(maxsize=1 << 15)
-def _normalised(terms: tuple[str, ...]) -> tuple[str, ...]:
-    """A candidate's distinct normalised terms (cached: successive pages share candidates)."""
-    # A tuple of strings leaves the cycle collector (a frozenset would stay tracked).
-    return tuple(sorted({normalise_term(t) for t in terms} - {""}))
-
-
 def _has_muted(
     terms: Sequence[Sequence[str]], muted: frozenset[str], n: int
 ) -> NDArray[np.float64]:
-    flags = [any(normalise_term(t) in muted for t in cand) for cand in terms[:n]]
+    flags = [any(t in muted for t in cand) for cand in terms[:n]]
     return np.asarray(flags, dtype=np.float64)
 
 

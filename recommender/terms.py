@@ -16,17 +16,11 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from recommender.rerank import normalise_term, prompt_terms
+from indexer.prompts import item_terms, prompt_terms
 from recommender.types import Vector
 
 TERM_SPACE = "terms"
 TERM_DIM = 1024  # hashed: collisions among a catalog's few thousand terms are rare and harmless
-
-
-def _item_terms(tags: Iterable[str], terms: Iterable[str]) -> set[str]:
-    out = {normalise_term(t) for t in tags} | set(terms)
-    out.discard("")
-    return out
 
 
 def _term_features(term: str) -> frozenset[str]:
@@ -35,7 +29,7 @@ def _term_features(term: str) -> frozenset[str]:
 
 def term_features(tags: Iterable[str], prompt: str | None) -> frozenset[str]:
     """The features of an item: its normalised tags and prompt terms, and their words."""
-    terms = _item_terms(tags, prompt_terms(prompt))
+    terms = item_terms(tags, prompt_terms(prompt))
     return frozenset(f for term in terms for f in _term_features(term))
 
 
@@ -47,25 +41,24 @@ def _term_slots(term: str) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=1 << 15)
-def _slots(tags: tuple[str, ...], terms: tuple[str, ...]) -> tuple[int, ...]:
-    """An item's distinct slots: ``term_features`` hashed (cached too: successive pages
+def _slots(terms: tuple[str, ...]) -> tuple[int, ...]:
+    """An item's distinct slots: its terms' features hashed (cached too: successive pages
     share most candidates)."""
     # A tuple of ints, unlike a list, leaves Python's cycle collector: a full collection scans
     # every tracked object, and a serving process holds tens of thousands of these.
-    return tuple(sorted({slot for term in _item_terms(tags, terms) for slot in _term_slots(term)}))
+    return tuple(sorted({slot for term in terms for slot in _term_slots(term)}))
 
 
 def term_vector(tags: Iterable[str], prompt: str | None) -> Vector:
     """Unit (TERM_DIM,) float32 bag of the features of ``tags`` and ``prompt``; zero when
     they have none."""
-    return term_matrix([(tuple(tags), tuple(prompt_terms(prompt)))])[0]
+    return term_matrix([item_terms(tags, prompt_terms(prompt))])[0]
 
 
-def term_matrix(items: Sequence[tuple[Sequence[str], Sequence[str]]]) -> NDArray[np.float32]:
-    """Unit rows (n, TERM_DIM) for ``(tags, prompt terms)`` pairs (the prompt terms as
-    ``prompt_terms`` parses them, e.g. a catalog item's ``prompt_terms``); a row without
-    features is zero."""
-    slots = [_slots(tuple(tags), tuple(terms)) for tags, terms in items]
+def term_matrix(items: Sequence[tuple[str, ...]]) -> NDArray[np.float32]:
+    """Unit rows (n, TERM_DIM) for items' terms (``item_terms``, e.g. a catalog item's
+    ``terms``); a row without features is zero."""
+    slots = [_slots(terms) for terms in items]
     counts = np.fromiter(map(len, slots), np.int64, len(slots))
     cols = np.fromiter((c for row in slots for c in row), np.int64, int(counts.sum()))
     out = np.zeros((len(items), TERM_DIM), dtype=np.float32)

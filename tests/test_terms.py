@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexer.prompts import prompt_terms
+from indexer.prompts import item_terms, prompt_terms
 from recommender.feedback import BayesSteerer
 from recommender.terms import TERM_DIM, term_features, term_matrix, term_vector
 
@@ -15,13 +15,20 @@ def test_features_are_normalised_tags_prompt_terms_and_their_words() -> None:
     assert "masterpiece" not in features  # quality boilerplate is no taste
 
 
+def test_item_terms_are_its_distinct_normalised_tags_and_prompt_terms() -> None:
+    terms = item_terms(
+        ["Red_Hair", "red hair", "  ", "Cat."], prompt_terms("(red hair:1.2), a cat")
+    )
+    assert terms == ("cat", "red hair")
+
+
 def test_rows_are_unit_or_zero_and_shared_features_make_items_close() -> None:
     rows = term_matrix(
         [
-            (("red", "circle"), tuple(prompt_terms("a red circle"))),
-            (("red", "square"), ()),
-            (("green", "square"), ()),
-            ((), ()),
+            item_terms(("red", "circle"), prompt_terms("a red circle")),
+            item_terms(("red", "square"), ()),
+            item_terms(("green", "square"), ()),
+            (),
         ]
     )
     assert rows.shape == (4, TERM_DIM)
@@ -36,7 +43,7 @@ def test_a_linear_preference_over_terms_learns_a_liked_tag_from_a_page_of_dwell(
     rng = np.random.default_rng(0)
     colours, shapes = ["red", "green", "blue", "pink"], ["circle", "square", "star", "ring"]
     items = [(c, s) for c in colours for s in shapes]
-    x = term_matrix([((c, s), ()) for c, s in items])
+    x = term_matrix([item_terms((c, s), ()) for c, s in items])
     liked = np.array([1.0 if c == "blue" else -0.5 for c, _ in items])
     steerer = BayesSteerer()
     state = steerer.init_state(term_vector(("red", "circle"), None))
