@@ -229,6 +229,9 @@ class EngineShare:
     steered_feed_cpu_ms_p99: float = float("nan")
     feedback_cpu_ms_p50: float = float("nan")
     feedback_cpu_ms_p99: float = float("nan")
+    # The same, for sessions whose filters exclude a tag (on ~2 % of the items), alternating
+    # call for call with the unfiltered ones: what a filter adds to a page.
+    filtered_feed_cpu_ms_p50: float = float("nan")
     # The shared VM's speed swings up to 2x from minute to minute: CPU of a fixed reference
     # workload, run between blocks of engine calls, says how fast the box was meanwhile.
     reference_cpu_ms_p50: float = float("nan")
@@ -251,11 +254,13 @@ def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int)
     """CPU and wall time of ``Engine.feed`` in this process (no HTTP), one call at a time:
     first sessions that only scroll (alternating, call for call, with an engine that searches
     for every page), then sessions that send a page's dwell times after each page
-    (log-normal, median 1.5 s), with the CPU of ``Engine.feedback`` on its own."""
+    (log-normal, median 1.5 s), with the CPU of ``Engine.feedback`` on its own, alternating
+    with the same for sessions whose filters exclude a tag."""
     import uuid
 
     from recommender.api import FeedbackEvent, ItemQuery
     from recommender.engine import Engine, EngineConfig, one_blas_thread
+    from recommender.retrieve import Filters
 
     one_blas_thread()  # as the service does
     rng = np.random.default_rng([seed, 3])
@@ -266,8 +271,24 @@ def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int)
     searches = _count_searches(engine.catalog)
     try:
 
-        def start(which: Engine, starts: NDArray[np.int64]) -> list[str]:
-            return [which.search(ItemQuery(f"b{i}")).session_id for i in starts]
+        def start(
+            which: Engine, starts: NDArray[np.int64], filters: Filters | None = None
+        ) -> list[str]:
+            return [which.search(ItemQuery(f"b{i}"), filters=filters).session_id for i in starts]
+
+        def steer(session_id: str) -> tuple[float, float]:
+            """CPU seconds of a page, and of the feedback on its dwell times."""
+            c0 = time.process_time()
+            page = engine.feed(session_id)
+            fed = time.process_time() - c0
+            dwell = np.exp(rng.normal(math.log(1500), 0.8, size=len(page.items)))
+            events = [
+                FeedbackEvent(uuid.uuid4().hex, item.id, float(ms))
+                for item, ms in zip(page.items, dwell, strict=True)
+            ]
+            c0 = time.process_time()
+            engine.feedback(page.session_id, events)
+            return fed, time.process_time() - c0
 
         starts = rng.integers(items, size=sessions)
         ids, baseline_ids = start(engine, starts), start(every_page, starts)
@@ -286,21 +307,16 @@ def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int)
             every_page.feed(baseline_ids[n % len(ids)])
             baseline.append(time.process_time() - c0)
         ids = start(engine, rng.integers(items, size=sessions))
-        steered, feedback = [], []
+        no_tag = Filters(tags_excluded=(TAGS[0],))
+        filtered_ids = start(engine, rng.integers(items, size=sessions), no_tag)
+        steered, feedback, filtered = [], [], []
         for n in range(calls):
             if n % 50 == 0:
                 reference.append(reference_cpu_ms())
-            c0 = time.process_time()
-            page = engine.feed(ids[n % len(ids)])
-            steered.append(time.process_time() - c0)
-            dwell = np.exp(rng.normal(math.log(1500), 0.8, size=len(page.items)))
-            events = [
-                FeedbackEvent(uuid.uuid4().hex, item.id, float(ms))
-                for item, ms in zip(page.items, dwell, strict=True)
-            ]
-            c0 = time.process_time()
-            engine.feedback(page.session_id, events)
-            feedback.append(time.process_time() - c0)
+            fed, fed_back = steer(ids[n % len(ids)])
+            steered.append(fed)
+            feedback.append(fed_back)
+            filtered.append(steer(filtered_ids[n % len(ids)])[0])
     finally:
         engine.close()
     return EngineShare(
@@ -316,6 +332,7 @@ def measure_engine(path: Path, items: int, sessions: int, calls: int, seed: int)
         steered_feed_cpu_ms_p99=_ms(steered, 99),
         feedback_cpu_ms_p50=_ms(feedback, 50),
         feedback_cpu_ms_p99=_ms(feedback, 99),
+        filtered_feed_cpu_ms_p50=_ms(filtered, 50),
         reference_cpu_ms_p50=float(np.median(reference)),
     )
 
@@ -681,7 +698,7 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
         ("engine cpu p50/mean/p99", 22),
         ("pages searched", 14),
         ("every page p50/mean", 19),
-        ("steered feed/feedback p50", 25),
+        ("steered feed/filtered/feedback p50", 34),
         ("ref ms", 6),
         ("max req/s (steal) CPU/req", 25),
         (f"p50/p99 @{args.rate:g}/s", 19),
@@ -706,7 +723,8 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
             f"{r.engine.feed_cpu_ms_p99:.1f}",
             f"{r.engine.feed_searched_share:.0%}",
             f"{r.engine.every_page_cpu_ms_p50:.1f} / {r.engine.every_page_cpu_ms_mean:.1f}",
-            f"{r.engine.steered_feed_cpu_ms_p50:.1f} / {r.engine.feedback_cpu_ms_p50:.1f}",
+            f"{r.engine.steered_feed_cpu_ms_p50:.1f} / {r.engine.filtered_feed_cpu_ms_p50:.1f} / "
+            f"{r.engine.feedback_cpu_ms_p50:.1f}",
             f"{r.engine.reference_cpu_ms_p50:.0f}",
             _throughput(r.max_throughput),
             f"{r.feed_at_rate.p50_ms:.0f} / {r.feed_at_rate.p99_ms:.0f}",
@@ -735,11 +753,12 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
         "during the closed loop; CPU/req: the server's CPU per request in it (all its "
         "processes); pages searched: share of scroll pages that ran a new search "
         "(the rest came from an earlier one's ranking); every page: the same scroll searching "
-        "for every page, measured call for call alongside; ref ms: CPU of a fixed reference "
-        "workload between engine calls (the box's speed); open loops with Poisson arrivals (a "
-        "queued request's wait counts); errors: non-200 answers in the closed loops, the "
-        "70% loops and the workers' loop at the rate; N workers: the same scroll served by "
-        "`serve --workers N`; "
+        "for every page, measured call for call alongside; steered: sessions sending dwell "
+        "feedback after every page, filtered: the same excluding a tag on ~2 % of items; "
+        "ref ms: CPU of a fixed reference workload between engine calls (the box's speed); "
+        "open loops with Poisson arrivals (a queued request's wait counts); errors: non-200 "
+        "answers in the closed loops, the 70% loops and the workers' loop at the rate; "
+        "N workers: the same scroll served by `serve --workers N`; "
         f"{_loadavg()}"
     )
 
