@@ -372,7 +372,7 @@ class Engine:
             vectors = self._embed_query(query)[0]
             target = space if space in vectors else next(iter(vectors))
         found = retrieve(self.catalog, target, vectors[target], k)
-        items = {item.key: item for item in self.catalog.items(found.keys.tolist())}
+        items = {item.key: item for item in self.catalog.item_summaries(found.keys.tolist())}
         return [
             Neighbour(items[key].id, float(score), items[key].prompt)
             for key, score in zip(found.keys.tolist(), found.scores.tolist(), strict=True)
@@ -712,7 +712,8 @@ class Engine:
             dtype=np.float32,
         )
         known_keys = [k for _, k in known]
-        by_key = {item.key: item for item in self.catalog.items(known_keys)}
+        # Summaries: the page just served these, so they are cached (full rows are read anew).
+        by_key = {item.key: item for item in self.catalog.item_summaries(known_keys)}
         for space, state in session.steering.items():
             if space == TERM_SPACE:
                 vectors = term_matrix([by_key[k].terms if k in by_key else () for k in known_keys])
@@ -727,7 +728,7 @@ class Engine:
         session: Session,
         keys: Sequence[int],
         scores: NDArray[np.float32],
-        items: Mapping[int, CatalogItem],
+        items: Mapping[int, ItemSummary],
     ) -> None:
         session.vocabulary.decay()
         text_vecs = self.catalog.vectors("text", keys) if "text" in self.spaces else None
