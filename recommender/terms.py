@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Iterable, Sequence
+from itertools import chain
 
 import numpy as np
 from numpy.typing import NDArray
@@ -40,15 +41,6 @@ def _term_slots(term: str) -> tuple[int, ...]:
     return tuple(zlib.crc32(f.encode()) % TERM_DIM for f in _term_features(term))
 
 
-@functools.lru_cache(maxsize=1 << 15)
-def _slots(terms: tuple[str, ...]) -> tuple[int, ...]:
-    """An item's distinct slots: its terms' features hashed (cached too: successive pages
-    share most candidates)."""
-    # A tuple of ints, unlike a list, leaves Python's cycle collector: a full collection scans
-    # every tracked object, and a serving process holds tens of thousands of these.
-    return tuple(sorted({slot for term in terms for slot in _term_slots(term)}))
-
-
 def term_vector(tags: Iterable[str], prompt: str | None) -> Vector:
     """Unit (TERM_DIM,) float32 bag of the features of ``tags`` and ``prompt``; zero when
     they have none."""
@@ -58,10 +50,15 @@ def term_vector(tags: Iterable[str], prompt: str | None) -> Vector:
 def term_matrix(items: Sequence[tuple[str, ...]]) -> NDArray[np.float32]:
     """Unit rows (n, TERM_DIM) for items' terms (``item_terms``, e.g. a catalog item's
     ``terms``); a row without features is zero."""
-    slots = [_slots(terms) for terms in items]
-    counts = np.fromiter(map(len, slots), np.int64, len(slots))
-    cols = np.fromiter((c for row in slots for c in row), np.int64, int(counts.sum()))
+    # All the items' terms in one flat run, each term's slots looked up once: no Python loop
+    # per item, and no per-item cache (most candidates of a page are new to the process).
+    terms_per_item = np.fromiter(map(len, items), np.int64, len(items))
+    slots = list(map(_term_slots, chain.from_iterable(items)))
+    slots_per_term = np.fromiter(map(len, slots), np.int64, len(slots))
+    cols = np.fromiter(chain.from_iterable(slots), np.int64, int(slots_per_term.sum()))
+    rows = np.repeat(np.repeat(np.arange(len(items)), terms_per_item), slots_per_term)
     out = np.zeros((len(items), TERM_DIM), dtype=np.float32)
-    weights = 1.0 / np.sqrt(np.maximum(counts, 1))
-    out[np.repeat(np.arange(len(items)), counts), cols] = np.repeat(weights, counts)
+    # A slot two terms share (the word "red" of "red" and "red hair") is set once.
+    out[rows, cols] = 1.0
+    out /= np.maximum(np.sqrt(out.sum(axis=1, keepdims=True)), 1.0)  # rows of 0 and 1
     return out

@@ -22,6 +22,14 @@ def test_item_terms_are_its_distinct_normalised_tags_and_prompt_terms() -> None:
     assert terms == ("cat", "red hair")
 
 
+def test_a_feature_two_terms_share_counts_once() -> None:
+    # "red" is a term and a word of "red hair": three features, each weighing 1/sqrt(3).
+    row = term_matrix([("red", "red hair")])[0]
+    assert np.count_nonzero(row) == 3
+    np.testing.assert_allclose(row[row > 0], 1 / np.sqrt(3), rtol=1e-6)
+    assert np.array_equal(row, term_vector(["Red", "red_hair"], None))
+
+
 def test_rows_are_unit_or_zero_and_shared_features_make_items_close() -> None:
     rows = term_matrix(
         [
