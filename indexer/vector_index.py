@@ -305,7 +305,7 @@ def id_selector(
     page by page (1M items: 3.1 against 1.9 ms a search at 5,000 seen keys)."""
     banned = as_keys(exclude)
     if allowed is not None:
-        bits = np.packbits(allowed, bitorder="little")
+        bits = np.packbits(np.asarray(allowed, dtype=bool), bitorder="little")
         banned = banned[banned < len(allowed)]
         np.bitwise_and.at(bits, banned >> 3, ~_bit_of(banned))
         # FAISS bounds the bitmap by its length in bytes: a key past it is not a member.
