@@ -25,6 +25,12 @@ class Filters:
     tags_excluded: tuple[str, ...] = ()
     min_alignment: float | None = None
 
+    def __post_init__(self) -> None:
+        # Tuples whatever a caller passed (a list, a set): filters are hashable, since the
+        # catalog keeps each filter set's mask.
+        for name in ("base_models", "tags_required", "tags_excluded"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
     @property
     def empty(self) -> bool:
         return (

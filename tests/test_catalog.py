@@ -95,6 +95,8 @@ def test_a_filter_mask_is_reused_until_a_write_changes_what_it_allows(catalog: C
     _, after = catalog.search("visual", query, 40, filters=no_red)
     assert three not in after[0]  # the write rebuilt the mask
     assert catalog.allowed_mask(no_red) is not mask
+    # Filters built from a list are the same filters (and hashable: the cache keys on them).
+    assert catalog.allowed_mask(Filters(tags_excluded=["red"])) is catalog.allowed_mask(no_red)
 
 
 def test_exclusions_as_an_array_of_keys_leave_those_out(catalog: Catalog) -> None:
