@@ -34,7 +34,7 @@ from indexer.catalog import (
 )
 from indexer.encoders.base import Encoder
 from indexer.images import ImageLimits, decode_image, read_embedded_metadata
-from indexer.vector_index import IndexPolicy
+from indexer.vector_index import IndexPolicy, as_keys
 from indexer.vector_store import StoreConfig
 from recommender.api import (
     FeedbackEvent,
@@ -572,7 +572,7 @@ class Engine:
         costs grow with the pool); best first, ``scores`` are cosines in the primary space.
         True with them when nothing beyond them qualifies (each search came back short)."""
         # One array of the seen keys for every space's search (a long scroll has thousands).
-        seen = np.fromiter(session.seen_keys, dtype=np.int64, count=len(session.seen_keys))
+        seen = as_keys(session.seen_keys)
         found = [
             retrieve(
                 self.catalog, space, session.query[space], k, filters=session.filters, seen=seen
