@@ -33,6 +33,7 @@ from indexer.prompts import PROMPT_TERMS_VERSION, item_terms, prompt_terms
 from indexer.records import NSFW_LEVELS, DumpRecord
 from indexer.row_cache import RowCache
 from indexer.storage import atomic_write_bytes, translate_disk_full
+from indexer.term_column import TermColumn
 from indexer.vector_index import IndexPolicy, Keys
 from indexer.vector_store import StoreConfig, VectorStore, faiss_store_for, new_store, open_store
 
@@ -42,6 +43,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DATABASE = "catalog.sqlite"
 INDEX_DIR = "faiss"
+TERMS_FILE = "terms.bin"  # the items' terms by key (``TermColumn``), a snapshot like FAISS's
 ITEM_CACHE_SIZE = 20_000  # item rows kept in memory (about 1 KB each)
 SUMMARY_CACHE_SIZE = 100_000  # item summaries kept in memory (about 0.7 KB each)
 MASK_CACHE_SIZE = 8  # filter masks kept per catalog revision (1 byte per item key each)
@@ -299,6 +301,7 @@ class Catalog:
         self.policy = policy
         self.store = store
         self.columns = Columns()
+        self.terms = TermColumn()  # each item's ``item_terms``: what re-ranking reads
         self.indexes: dict[str, VectorStore] = {}
         self._dirty: set[str] = set()
         self._reader: sqlite3.Connection | None = None
@@ -530,6 +533,7 @@ class Catalog:
             self._dirty.add(space)
         for item, key in zip(items, keys, strict=True):
             self.columns.set(int(key), item.record.nsfw_level, item.record.base_model)
+            self.terms.set(int(key), _record_terms(item.record))
         self._forget(keys.tolist())  # a replaced id keeps its key
         return keys
 
@@ -552,6 +556,7 @@ class Catalog:
             self._alignment_writes += 1
             self._bump_generation()
         self.columns.set(int(row[0]), record.nsfw_level, record.base_model)
+        self.terms.set(int(row[0]), _record_terms(record))
         self._forget([int(row[0])])
         self._sync_attributes([int(row[0])])
         return True
@@ -605,6 +610,7 @@ class Catalog:
                 self._dirty.add(space)
         for key in removed_keys:
             self.columns.clear(key)
+            self.terms.clear(key)
         self._forget(removed_keys)
         if deleted:
             self.checkpoint()
@@ -627,6 +633,9 @@ class Catalog:
                 **index.info.to_json(),
             }
         self._dirty.clear()
+        stamp = self._terms_stamp(generation)
+        if self.terms.dirty or self.terms.stamp != stamp:
+            self.terms.save(self.path / TERMS_FILE, stamp)
         self.manifest["items"] = len(self)
         self.manifest["generation"] = generation
         atomic_write_bytes(
@@ -755,6 +764,11 @@ class Catalog:
     def items(self, keys: Sequence[int]) -> list[CatalogItem]:
         """Items for ``keys``, in the same order; keys that are gone are left out."""
         return self._item_cache.get(keys)
+
+    def terms_of(self, keys: Sequence[int]) -> list[tuple[str, ...]]:
+        """Each key's ``item_terms``, in the same order (none for a key that is gone): what
+        re-ranking reads of a page's candidates, from memory (no row is read)."""
+        return self.terms.get(keys)
 
     def item_summaries(self, keys: Sequence[int]) -> list[ItemSummary]:
         """Summaries of ``keys``, in the same order, gone keys left out: what a feed page
@@ -1206,6 +1220,21 @@ class Catalog:
                 "SELECT key, nsfw_level, base_model FROM items"
             ):
                 self.columns.set(key, level, base_model)
+        terms = TermColumn.load(self.path / TERMS_FILE, self._terms_stamp(self.generation()))
+        if terms is None:  # none yet (an older catalog), or of another generation: rebuild
+            log.info("reading the items' terms from SQLite (once; ~10 s per million items)")
+            with self._lock:
+                rows = self._conn.execute("SELECT key, tags, prompt_terms, prompt FROM items")
+                terms = TermColumn.from_rows(
+                    (key, item_terms(orjson.loads(tags), _decoded_terms(parsed, prompt)))
+                    for key, tags, parsed, prompt in rows
+                )
+        self.terms = terms  # a rebuilt column is dirty: the next checkpoint writes it
+
+    @staticmethod
+    def _terms_stamp(generation: int) -> tuple[int, int]:
+        # Prompt terms parsed under other rules are stale too (``_parse_prompt_terms``).
+        return (generation, PROMPT_TERMS_VERSION)
 
     def _load_indexes(self) -> None:
         generation = self.generation()
@@ -1241,12 +1270,14 @@ class Catalog:
             if stale:
                 self._rebuild_space(space)
                 self._dirty.add(space)
-        if self._dirty:
+        if self._dirty or self.terms.dirty:
             try:
                 self.checkpoint()
-            except DiskFullError as exc:
+            except (DiskFullError, PermissionError) as exc:
                 # The rebuilt indexes serve from memory; the snapshots stay dirty and are
-                # written by the next checkpoint. A full disk must not make a catalog unopenable.
+                # written by the next checkpoint. A full disk or a read-only directory (an
+                # upgraded catalog gains its terms file at its first open) must not make a
+                # catalog unopenable.
                 log.warning("could not save the rebuilt indexes: %s", exc)
 
     def _vector_count(self, space: str) -> int:
@@ -1337,6 +1368,10 @@ def _summary_fields(
     terms = _decoded_terms(parsed, prompt)
     all_terms = item_terms(tag_tuple, terms)
     return (key, item_id, prompt, tag_tuple, terms, all_terms, width, height, nsfw_level, source)
+
+
+def _record_terms(record: DumpRecord) -> tuple[str, ...]:
+    return item_terms(record.tags, prompt_terms(record.prompt))
 
 
 def _item_from_row(row: Sequence[Any]) -> CatalogItem:

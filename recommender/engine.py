@@ -464,10 +464,11 @@ class Engine:
         ranking, ranked_pool = self._ranking(session, size)
         # A page picks among the best of the ranking: the top ones and the explore window.
         n = min(max(self.config.explore.explore_to, size), len(ranking))
-        summaries = {s.key: s for s in self.catalog.item_summaries(ranking.keys[:n].tolist())}
-        window = self._window(session, ranking, ranked_pool, summaries, n)
+        window = self._window(session, ranking, ranked_pool, n)
         picks = self._pick(session, window, size)
         picked_keys = [int(window.keys[p.rank]) for p in picks]
+        # Rows only for what the page shows: ranking read the candidates' terms from memory.
+        summaries = {s.key: s for s in self.catalog.item_summaries(picked_keys)}
         picked = [
             (summaries[key], float(ranking.scores[p.rank]), p.kind)
             for key, p in zip(picked_keys, picks, strict=True)
@@ -524,14 +525,10 @@ class Engine:
                 return left, None
         revision = self.catalog.revision
         candidates, complete = self._retrieve(session, max(cfg.k, 2 * size))
-        # Summaries, not full rows: re-ranking needs only terms, and a page shows a fifth.
-        found = {s.key: s for s in self.catalog.item_summaries(candidates.keys.tolist())}
-        candidates = candidates.take(
-            np.fromiter((k in found for k in candidates.keys.tolist()), bool)
-        )
-        summaries = [found[k] for k in candidates.keys.tolist()]
-        candidates.set_vectors(TERM_SPACE, term_matrix([s.terms for s in summaries]))
-        ranked = self._rank(session, candidates, summaries)
+        # Terms, not rows: re-ranking needs only these, and a page shows a fifth of the pool.
+        terms = self.catalog.terms_of(candidates.keys.tolist())
+        candidates.set_vectors(TERM_SPACE, term_matrix(terms))
+        ranked = self._rank(session, candidates, terms)
         pool = ranked.pool
         near = pool.vectors(session.primary) @ session.q0[session.primary]
         ranking = Ranking(
@@ -551,19 +548,15 @@ class Engine:
         session: Session,
         ranking: Ranking,
         pool: _Pool | None,
-        summaries: Mapping[int, ItemSummary],
         n: int,
     ) -> _Pool:
         """The ``n`` best of ``ranking`` with the vectors that exploration scores them in:
-        taken from the pool just ranked, else read (``summaries``: theirs)."""
+        taken from the pool just ranked, else read."""
         if pool is not None:
             return pool.take(np.arange(n))
         window = _Pool(self.catalog, ranking.keys[:n], ranking.cosines[:n])
         if TERM_SPACE in session.steering:
-            terms = [
-                s.terms if (s := summaries.get(k)) is not None else () for k in window.keys.tolist()
-            ]
-            window.set_vectors(TERM_SPACE, term_matrix(terms))
+            window.set_vectors(TERM_SPACE, term_matrix(self.catalog.terms_of(window.keys.tolist())))
         return window
 
     def _retrieve(self, session: Session, k: int) -> tuple[_Pool, bool]:
@@ -614,12 +607,11 @@ class Engine:
         total = np.nansum(stacked, axis=0)
         return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
 
-    def _rank(self, session: Session, candidates: _Pool, found: list[ItemSummary]) -> _Ranked:
+    def _rank(self, session: Session, candidates: _Pool, terms: list[tuple[str, ...]]) -> _Ranked:
         text_vecs = candidates.vectors("text") if "text" in self.spaces else None
         clip_sim = None
         if "clip" in self.spaces and "clip" in session.query and session.primary != "clip":
             clip_sim = candidates.vectors("clip") @ session.query["clip"]
-        terms = [t.terms for t in found]
         result = rerank(
             self._query_similarity(session, candidates),
             session.vocabulary,

@@ -223,6 +223,30 @@ def test_feedback_a_mute_or_a_changed_catalog_ranks_again(
     assert len(asked) == 8
 
 
+def test_a_page_reads_rows_only_for_the_items_it_shows(
+    catalog: Catalog, ids: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-ranking reads its ~100 candidates' terms from the catalog's term column; rows
+    (text, size, tags) are read for the page's 20 items alone, searched or not."""
+    read: list[list[int]] = []
+    original = Catalog.item_summaries
+
+    def counted(self: Catalog, keys: Any) -> Any:
+        read.append(list(keys))
+        return original(self, keys)
+
+    monkeypatch.setattr(Catalog, "item_summaries", counted)
+    engine = make_engine(catalog, seed=2)
+    page = engine.search(ItemQuery(ids[12]))
+    engine.feedback(page.session_id, events(page))
+    read.clear()
+    for _ in range(3):  # a steered page that searches, then two from its ranking
+        page = engine.feed(page.session_id)
+        shown = {catalog.key_for_id(item.id) for item in page.items}
+        assert len(read) == 1 and set(read[0]) == shown and len(shown) == 20
+        read.clear()
+
+
 def test_served_records_and_cached_summaries_leave_the_cycle_collector(
     catalog: Catalog, ids: list[str]
 ) -> None:
