@@ -1224,7 +1224,9 @@ class Catalog:
         if terms is None:  # none yet (an older catalog), or of another generation: rebuild
             log.info("reading the items' terms from SQLite (once; ~10 s per million items)")
             with self._lock:
-                rows = self._conn.execute("SELECT key, tags, prompt_terms, prompt FROM items")
+                rows = self._conn.execute(
+                    "SELECT key, tags, prompt_terms, prompt FROM items ORDER BY key"
+                )
                 terms = TermColumn.from_rows(
                     (key, item_terms(orjson.loads(tags), _decoded_terms(parsed, prompt)))
                     for key, tags, parsed, prompt in rows

@@ -1,14 +1,17 @@
 """Every item's terms (``item_terms``) by key, in memory: what a feed page reads of each of the
-~100 candidates it re-ranks. Read from SQLite, a candidate's terms cost ~20 us (a B-tree walk
-and two JSON decodes), and a steered page's candidates are mostly new to the process; here they
-cost about 1 us.
+~100 candidates it re-ranks. Read from SQLite, a candidate's terms cost ~30 us (a B-tree walk
+and two JSON decodes), and a steered page's candidates are mostly new to the process.
 
-The column is a snapshot file plus the keys written since it was taken. The file holds every
-key's terms as one run of UTF-8 text (terms joined by ``SEPARATOR``) and the offset of each
-key's run; it is memory-mapped, so the worker processes of one server share its pages. Writes
-go to a dict of changed keys; ``save`` folds them into a new file, stamped with the catalog
-generation (and ``PROMPT_TERMS_VERSION``) that it reflects, like the FAISS snapshots: a file
-with another stamp is stale, and the catalog rebuilds the column from SQLite.
+The column is a snapshot file plus the keys written since it was taken. The file numbers the
+catalog's distinct terms (its vocabulary, stored once as UTF-8) and holds each key's run of
+term numbers; it is memory-mapped, so the worker processes of one server share its pages.
+Reading gathers the numbers with numpy and hands out one shared ``str`` per term, decoded once
+per process: their hashes are computed once too, which matters because re-ranking looks each
+candidate term up in several dicts (a freshly decoded string costs ~0.2 us a lookup, most of a
+page's term work). Writes go to a dict of changed keys; ``save`` folds them into a new file,
+stamped with the catalog generation (and ``PROMPT_TERMS_VERSION``) that it reflects, like the
+FAISS snapshots: a file with another stamp is stale, and the catalog rebuilds the column from
+SQLite.
 """
 
 from __future__ import annotations
@@ -16,17 +19,20 @@ from __future__ import annotations
 import mmap
 import struct
 import threading
+from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
 
 from indexer.storage import atomic_write
 
-SEPARATOR = "\x1f"  # white space to ``normalise_term``, so never inside a term
-_MAGIC = b"LKTERMS1"
-_HEADER = struct.Struct("<8sqqqq")  # magic, generation, prompt-terms version, keys, text bytes
+_MAGIC = b"LKTERMS2"
+# magic, generation, prompt-terms version, keys, term numbers, vocabulary size, its UTF-8 bytes
+_HEADER = struct.Struct("<8sqqqqqq")
+MAX_DECODED = 1 << 18  # decoded names kept per process; past it they are decoded afresh
 
 Terms = tuple[str, ...]
 
@@ -34,25 +40,42 @@ Terms = tuple[str, ...]
 class TermColumn:
     """Terms by item key (keys never written have none). Thread-safe."""
 
-    def __init__(
-        self,
-        offsets: NDArray[np.int64] | None = None,
-        text: bytes | mmap.mmap = b"",
-        stamp: tuple[int, int] | None = None,
-    ) -> None:
-        # The snapshot: key k's text is text[offsets[k]:offsets[k + 1]].
-        self._offsets = offsets if offsets is not None else np.zeros(1, dtype=np.int64)
-        self._text = text
-        self.stamp = stamp  # (generation, prompt-terms version) of the file read, if any
-        self._changed: dict[int, bytes] = {}  # key -> encoded terms, written since
+    def __init__(self) -> None:
+        # The snapshot: key k's term numbers are numbers[offsets[k]:offsets[k + 1]], and term
+        # n's name is vocab[vocab_offsets[n]:vocab_offsets[n + 1]].
+        self._offsets = np.zeros(1, dtype=np.int64)
+        self._numbers = np.zeros(0, dtype=np.int32)
+        self._vocab_offsets = np.zeros(1, dtype=np.int64)
+        self._vocab: bytes | mmap.mmap = b""
+        self._names: list[str | None] = []  # decoded names by number, shared by every read
+        self._decoded = 0
+        self._by_name: dict[str, int] | None = None  # name -> number, built by a save's need
+        self._changed: dict[int, Terms] = {}  # keys written since the snapshot
+        self.stamp: tuple[int, int] | None = None  # (generation, prompt-terms version) of it
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
 
+    # -- building and persistence -------------------------------------------------------
     @classmethod
     def from_rows(cls, rows: Iterable[tuple[int, Terms]]) -> TermColumn:
-        """A column holding ``rows`` of (key, terms), e.g. read from SQLite."""
-        column = cls()
+        """A column holding ``rows`` of (key, terms), keys ascending (e.g. read from SQLite
+        in key order); it has no file yet (``dirty``)."""
+        by_name: dict[str, int] = {}
+        numbers, ends = array("i"), array("q", [0])
         for key, terms in rows:
-            column.set(key, terms)
+            if key < len(ends) - 1:
+                raise ValueError(f"keys must ascend: {key} after {len(ends) - 2}")
+            ends.extend([len(numbers)] * (key + 1 - len(ends)))  # keys between: no terms
+            numbers.extend(by_name.setdefault(t, len(by_name)) for t in terms)
+            ends.append(len(numbers))
+        column = cls()
+        names = list(by_name)
+        encoded = [name.encode() for name in names]
+        column._offsets = np.frombuffer(ends, dtype=np.int64).copy()
+        column._numbers = np.frombuffer(numbers, dtype=np.int32).copy()
+        column._vocab_offsets = _ends_of(encoded)
+        column._vocab = b"".join(encoded)
+        column._names, column._by_name = list(names), by_name
         return column
 
     @classmethod
@@ -65,65 +88,87 @@ class TermColumn:
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError):
             return None
-        magic, generation, version, keys, text_bytes = _HEADER.unpack_from(mapped)
-        start = _HEADER.size + 8 * (keys + 1)
-        if magic != _MAGIC or (generation, version) != stamp or size != start + text_bytes:
-            mapped.close()
+        magic, generation, version, keys, count, terms, vocab_bytes = _HEADER.unpack_from(mapped)
+        at = _HEADER.size
+        numbers_at = at + 8 * (keys + 1) + 8 * (terms + 1)
+        vocab_at = numbers_at + 4 * count
+        if (
+            magic != _MAGIC
+            or (generation, version) != stamp
+            or min(keys, count, terms) < 0
+            or size != vocab_at + vocab_bytes
+        ):
             return None
-        offsets = np.frombuffer(mapped, dtype=np.int64, count=keys + 1, offset=_HEADER.size)
-        if offsets[0] != 0 or offsets[-1] != text_bytes or (np.diff(offsets) < 0).any():
+        offsets = np.frombuffer(mapped, np.int64, keys + 1, at)
+        vocab_offsets = np.frombuffer(mapped, np.int64, terms + 1, at + 8 * (keys + 1))
+        numbers = np.frombuffer(mapped, np.int32, count, numbers_at)
+        if not (
+            _is_run_table(offsets, count)
+            and _is_run_table(vocab_offsets, vocab_bytes)
+            and (count == 0 or (numbers.min() >= 0 and numbers.max() < terms))
+        ):
             return None
-        # Offsets into the text part of the mapping; the file's own stay as written.
-        return cls(offsets + start, mapped, stamp)
+        column = cls()
+        column._offsets, column._numbers = offsets, numbers
+        # Name offsets into the mapping itself, so that reading a name is one slice.
+        column._vocab_offsets, column._vocab = vocab_offsets + vocab_at, mapped
+        column._names = [None] * terms
+        column.stamp = stamp
+        return column
 
     def save(self, path: Path, stamp: tuple[int, int]) -> None:
         """Write the column (snapshot and changes) to ``path`` stamped ``stamp``, atomically,
         and serve from the new file from then on."""
-        with self._lock:
-            offsets, text, changed = self._offsets, self._text, dict(self._changed)
-        lengths = np.diff(offsets)
-        keys = max(len(lengths), max(changed, default=-1) + 1)
-        lengths = np.concatenate([lengths, np.zeros(keys - len(lengths), dtype=np.int64)])
-        order = sorted(changed)
-        for key in order:
-            lengths[key] = len(changed[key])
-        new_offsets = np.zeros(keys + 1, dtype=np.int64)
-        np.cumsum(lengths, out=new_offsets[1:])
+        with self._save_lock:
+            with self._lock:
+                offsets, numbers, changed = self._offsets, self._numbers, dict(self._changed)
+            by_name = self._name_numbers()
+            known = len(self._names)
+            rows = {
+                key: np.array([by_name.setdefault(t, len(by_name)) for t in terms], np.int32)
+                for key, terms in changed.items()
+            }
+            new_names = list(by_name)[known:]  # dicts keep insertion order
+            new_offsets, new_numbers = _spliced(offsets, numbers, rows)
+            encoded = [name.encode() for name in new_names]
+            old_end = int(self._vocab_offsets[-1])
+            vocab_offsets = np.concatenate(
+                [self._vocab_offsets[:-1], old_end + _ends_of(encoded)]
+            ) - int(self._vocab_offsets[0])
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                header = (_MAGIC, *stamp, keys, int(new_offsets[-1]))
-                f.write(_HEADER.pack(*header))
-                f.write(new_offsets.tobytes())
-                # Unchanged keys' text is copied in runs between the changed keys.
-                old_keys, done = len(offsets) - 1, 0
-                for key in order:
-                    if done < min(key, old_keys):
-                        f.write(text[int(offsets[done]) : int(offsets[min(key, old_keys)])])
-                    f.write(changed[key])
-                    done = key + 1
-                if done < old_keys:
-                    f.write(text[int(offsets[done]) : int(offsets[old_keys])])
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as f:
+                    sizes = (len(new_offsets) - 1, len(new_numbers), len(vocab_offsets) - 1)
+                    f.write(_HEADER.pack(_MAGIC, *stamp, *sizes, int(vocab_offsets[-1])))
+                    f.write(new_offsets.tobytes())
+                    f.write(vocab_offsets.tobytes())
+                    f.write(new_numbers.tobytes())
+                    f.write(self._vocab[int(self._vocab_offsets[0]) : old_end])
+                    for name in encoded:
+                        f.write(name)
 
-        atomic_write(path, write)
-        fresh = TermColumn.load(path, stamp)
-        if fresh is None:  # not expected: the file was just written whole
-            raise OSError(f"{path} was written but does not read back")
-        with self._lock:
-            self._offsets, self._text, self.stamp = fresh._offsets, fresh._text, stamp
-            for key, encoded in changed.items():  # keep what was written during the save
-                if self._changed.get(key) is encoded:
-                    del self._changed[key]
+            atomic_write(path, write)
+            fresh = TermColumn.load(path, stamp)
+            if fresh is None:  # not expected: the file was just written whole
+                raise OSError(f"{path} was written but does not read back")
+            with self._lock:
+                self._offsets, self._numbers = fresh._offsets, fresh._numbers
+                self._vocab_offsets, self._vocab = fresh._vocab_offsets, fresh._vocab
+                self._names.extend(new_names)  # numbered in order after the known ones
+                self.stamp = stamp
+                for key, terms in changed.items():  # keep what was written during the save
+                    if self._changed.get(key) is terms:
+                        del self._changed[key]
 
     @property
     def dirty(self) -> bool:
-        """Whether keys were written since the snapshot."""
-        return bool(self._changed)
+        """Whether the column holds anything its file (if any) does not."""
+        return self.stamp is None or bool(self._changed)
 
+    # -- writing and reading --------------------------------------------------------------
     def set(self, key: int, terms: Terms) -> None:
-        encoded = SEPARATOR.join(terms).encode()
         with self._lock:
-            self._changed[int(key)] = encoded
+            self._changed[int(key)] = tuple(terms)
 
     def clear(self, key: int) -> None:
         self.set(key, ())
@@ -131,15 +176,81 @@ class TermColumn:
     def get(self, keys: Sequence[int]) -> list[Terms]:
         """Terms of ``keys``, in the same order (empty for a key never written)."""
         with self._lock:
-            offsets, text, changed = self._offsets, self._text, self._changed
-            end = len(offsets) - 1
+            offsets, numbers, changed = self._offsets, self._numbers, self._changed
+            # Every key's run gathered at once; a key outside the snapshot has an empty one.
+            at = np.asarray(keys, dtype=np.int64).reshape(-1)
+            inside = (at >= 0) & (at < len(offsets) - 1)
+            starts = counts = np.zeros(len(at), dtype=np.int64)
+            if inside.any():  # then offsets has a second entry for the keys outside to read
+                at = np.where(inside, at, 0)
+                starts = np.where(inside, offsets[at], 0)
+                counts = np.where(inside, offsets[at + 1], 0) - starts
+            firsts = np.cumsum(counts) - counts
+            flat = numbers[np.repeat(starts - firsts, counts) + np.arange(int(counts.sum()))]
+            names = self._named(flat.tolist())
             out: list[Terms] = []
-            for key in keys:
-                encoded = changed.get(key)
-                if encoded is None:
-                    if not 0 <= key < end:
-                        out.append(())
-                        continue
-                    encoded = text[offsets[key] : offsets[key + 1]]
-                out.append(tuple(encoded.decode().split(SEPARATOR)) if encoded else ())
+            for key, first, count in zip(keys, firsts.tolist(), counts.tolist(), strict=True):
+                written = changed.get(key)
+                out.append(written if written is not None else tuple(names[first : first + count]))
             return out
+
+    # -- internals ------------------------------------------------------------------------
+    def _named(self, numbers: list[int]) -> list[str]:
+        """The names of ``numbers``, each decoded once and then shared (lock held)."""
+        names = self._names
+        got = list(map(names.__getitem__, numbers))
+        if None not in got:
+            return cast(list[str], got)
+        if self._decoded > MAX_DECODED:  # a vast vocabulary: do not keep all of it decoded
+            names[:] = [None] * len(names)
+            self._decoded = 0
+        vocab, ends = self._vocab, self._vocab_offsets
+        for n in set(numbers):
+            if names[n] is None:
+                names[n] = vocab[int(ends[n]) : int(ends[n + 1])].decode()
+                self._decoded += 1
+        return cast(list[str], list(map(names.__getitem__, numbers)))
+
+    def _name_numbers(self) -> dict[str, int]:
+        """name -> number over the whole vocabulary, decoded the first time a save needs it
+        (a process that writes; readers never build it)."""
+        if self._by_name is None:
+            vocab, ends = self._vocab, self._vocab_offsets.tolist()
+            self._by_name = {vocab[ends[n] : ends[n + 1]].decode(): n for n in range(len(ends) - 1)}
+        return self._by_name
+
+
+def _ends_of(encoded: list[bytes]) -> NDArray[np.int64]:
+    """Offsets (n + 1,) of ``encoded`` laid end to end, from 0."""
+    ends = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=ends[1:])
+    return ends
+
+
+def _is_run_table(offsets: NDArray[np.int64], total: int) -> bool:
+    return bool(offsets[0] == 0 and offsets[-1] == total and (np.diff(offsets) >= 0).all())
+
+
+def _spliced(
+    offsets: NDArray[np.int64], numbers: NDArray[np.int32], rows: dict[int, NDArray[np.int32]]
+) -> tuple[NDArray[np.int64], NDArray[np.int32]]:
+    """The run table and numbers with ``rows`` (key -> its new run) put in place."""
+    lengths = np.diff(offsets)
+    keys = max(len(lengths), max(rows, default=-1) + 1)
+    lengths = np.concatenate([lengths, np.zeros(keys - len(lengths), dtype=np.int64)])
+    for key, row in rows.items():
+        lengths[key] = len(row)
+    new_offsets = np.zeros(keys + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    new_numbers = np.empty(int(new_offsets[-1]), dtype=np.int32)
+    old_keys, done = len(offsets) - 1, 0
+    # Unchanged keys' runs are copied in blocks between the changed keys.
+    for key in [*sorted(rows), keys]:
+        stop = min(key, old_keys)
+        if done < stop:
+            block = numbers[int(offsets[done]) : int(offsets[stop])]
+            new_numbers[int(new_offsets[done]) : int(new_offsets[done]) + len(block)] = block
+        if key in rows:
+            new_numbers[int(new_offsets[key]) : int(new_offsets[key + 1])] = rows[key]
+        done = key + 1
+    return new_offsets, new_numbers

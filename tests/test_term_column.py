@@ -66,6 +66,33 @@ def test_a_save_keeps_keys_past_the_old_end_and_the_runs_between_changes(tmp_pat
     ]
 
 
+def test_each_term_is_numbered_once_and_read_as_one_shared_string(tmp_path: Path) -> None:
+    """Re-ranking looks candidates' terms up in dicts: one str object per term, decoded once,
+    keeps its hash computed; and saves never number a known term again."""
+    path = tmp_path / "terms.bin"
+    column = TermColumn.from_rows([(0, ("red", "cat")), (2, ("cat",))])
+    column.save(path, STAMP)
+    loaded = TermColumn.load(path, STAMP)
+    assert loaded is not None
+    first, _, second = loaded.get([0, 1, 2])
+    assert first == ("red", "cat") and second == ("cat",) and first[1] is second[0]
+    for step in range(3):  # known terms again, then one new term
+        loaded.set(5 + step, ("cat", "red") if step < 2 else ("cat", "dog"))
+        loaded.save(path, STAMP)
+    assert len(loaded._names) == 3  # noqa: SLF001 - red, cat, dog
+    again = TermColumn.load(path, STAMP)
+    assert again is not None
+    assert again.get([0, 5, 6, 7, 3]) == [
+        ("red", "cat"),
+        ("cat", "red"),
+        ("cat", "red"),
+        ("cat", "dog"),
+        (),
+    ]
+    with pytest.raises(ValueError, match="ascend"):
+        TermColumn.from_rows([(3, ("a",)), (1, ("b",))])
+
+
 def test_a_file_of_another_stamp_or_damaged_is_not_read(tmp_path: Path) -> None:
     path = tmp_path / "terms.bin"
     assert TermColumn.load(path, STAMP) is None  # none written yet
