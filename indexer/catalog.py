@@ -33,7 +33,7 @@ from indexer.prompts import PROMPT_TERMS_VERSION, item_terms, prompt_terms
 from indexer.records import NSFW_LEVELS, DumpRecord
 from indexer.row_cache import RowCache
 from indexer.storage import atomic_write_bytes, translate_disk_full
-from indexer.term_column import TermColumn
+from indexer.term_column import TermColumn, TermRuns
 from indexer.vector_index import IndexPolicy, Keys
 from indexer.vector_store import StoreConfig, VectorStore, faiss_store_for, new_store, open_store
 
@@ -765,10 +765,10 @@ class Catalog:
         """Items for ``keys``, in the same order; keys that are gone are left out."""
         return self._item_cache.get(keys)
 
-    def terms_of(self, keys: Sequence[int]) -> list[tuple[str, ...]]:
-        """Each key's ``item_terms``, in the same order (none for a key that is gone): what
-        re-ranking reads of a page's candidates, from memory (no row is read)."""
-        return self.terms.get(keys)
+    def term_runs(self, keys: Sequence[int]) -> TermRuns:
+        """Each key's ``item_terms`` as numbers, in the same order (none for a key that is
+        gone): what re-ranking reads of a page's candidates, from memory (no row is read)."""
+        return self.terms.runs(keys)
 
     def item_summaries(self, keys: Sequence[int]) -> list[ItemSummary]:
         """Summaries of ``keys``, in the same order, gone keys left out: what a feed page

@@ -20,7 +20,8 @@ import mmap
 import struct
 import threading
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -37,20 +38,56 @@ MAX_DECODED = 1 << 18  # decoded names kept per process; past it they are decode
 Terms = tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class TermRuns:
+    """Some items' terms as numbers: item i's are the next ``counts[i]`` of ``numbers``, and
+    ``names`` names numbers. ``vocabulary`` owns the numbering (a ``TermColumn``, whose numbers
+    keep their meaning, so per-term work can be cached by number), or is None for a numbering
+    made up for one call (``of``)."""
+
+    counts: NDArray[np.int64]
+    numbers: NDArray[np.int64]
+    names: Callable[[list[int]], list[str]]
+    vocabulary: object | None = None
+
+    @classmethod
+    def of(cls, items: Sequence[Sequence[str]]) -> TermRuns:
+        """Runs of terms given as strings, numbered for this call only."""
+        by_name: dict[str, int] = {}
+        flat = [by_name.setdefault(t, len(by_name)) for terms in items for t in terms]
+        names = list(by_name)
+        return cls(
+            np.fromiter(map(len, items), np.int64, len(items)),
+            np.array(flat, dtype=np.int64),
+            lambda numbers: [names[n] for n in numbers],
+        )
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def tuples(self) -> list[Terms]:
+        """Each item's terms as a tuple of names."""
+        names = self.names(self.numbers.tolist())
+        ends = np.cumsum(self.counts).tolist()
+        return [tuple(names[e - c : e]) for e, c in zip(ends, self.counts.tolist(), strict=True)]
+
+
 class TermColumn:
     """Terms by item key (keys never written have none). Thread-safe."""
 
     def __init__(self) -> None:
         # The snapshot: key k's term numbers are numbers[offsets[k]:offsets[k + 1]], and term
-        # n's name is vocab[vocab_offsets[n]:vocab_offsets[n + 1]].
+        # n's name is vocab[vocab_offsets[n]:vocab_offsets[n + 1]] for n < len(vocab_offsets) - 1.
         self._offsets = np.zeros(1, dtype=np.int64)
         self._numbers = np.zeros(0, dtype=np.int32)
         self._vocab_offsets = np.zeros(1, dtype=np.int64)
         self._vocab: bytes | mmap.mmap = b""
-        self._names: list[str | None] = []  # decoded names by number, shared by every read
+        # Every number's name, decoded once and shared by every read; numbers past the
+        # snapshot's vocabulary name terms first written since (always held).
+        self._names: list[str | None] = []
         self._decoded = 0
-        self._by_name: dict[str, int] | None = None  # name -> number, built by a save's need
-        self._changed: dict[int, Terms] = {}  # keys written since the snapshot
+        self._by_name: dict[str, int] | None = None  # name -> number, built by the first write
+        self._changed: dict[int, NDArray[np.int32]] = {}  # keys written since the snapshot
         self.stamp: tuple[int, int] | None = None  # (generation, prompt-terms version) of it
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
@@ -122,19 +159,14 @@ class TermColumn:
         with self._save_lock:
             with self._lock:
                 offsets, numbers, changed = self._offsets, self._numbers, dict(self._changed)
-            by_name = self._name_numbers()
-            known = len(self._names)
-            rows = {
-                key: np.array([by_name.setdefault(t, len(by_name)) for t in terms], np.int32)
-                for key, terms in changed.items()
-            }
-            new_names = list(by_name)[known:]  # dicts keep insertion order
-            new_offsets, new_numbers = _spliced(offsets, numbers, rows)
+                known = len(self._vocab_offsets) - 1
+                new_names = cast(list[str], self._names[known:])  # written since: all held
+            new_offsets, new_numbers = _spliced(offsets, numbers, changed)
             encoded = [name.encode() for name in new_names]
-            old_end = int(self._vocab_offsets[-1])
-            vocab_offsets = np.concatenate(
-                [self._vocab_offsets[:-1], old_end + _ends_of(encoded)]
-            ) - int(self._vocab_offsets[0])
+            base, old_end = int(self._vocab_offsets[0]), int(self._vocab_offsets[-1])
+            vocab_offsets = (
+                np.concatenate([self._vocab_offsets[:-1], old_end + _ends_of(encoded)]) - base
+            )
 
             def write(tmp: Path) -> None:
                 with open(tmp, "wb") as f:
@@ -143,7 +175,7 @@ class TermColumn:
                     f.write(new_offsets.tobytes())
                     f.write(vocab_offsets.tobytes())
                     f.write(new_numbers.tobytes())
-                    f.write(self._vocab[int(self._vocab_offsets[0]) : old_end])
+                    f.write(self._vocab[base:old_end])
                     for name in encoded:
                         f.write(name)
 
@@ -154,10 +186,9 @@ class TermColumn:
             with self._lock:
                 self._offsets, self._numbers = fresh._offsets, fresh._numbers
                 self._vocab_offsets, self._vocab = fresh._vocab_offsets, fresh._vocab
-                self._names.extend(new_names)  # numbered in order after the known ones
                 self.stamp = stamp
-                for key, terms in changed.items():  # keep what was written during the save
-                    if self._changed.get(key) is terms:
+                for key, row in changed.items():  # keep what was written during the save
+                    if self._changed.get(key) is row:
                         del self._changed[key]
 
     @property
@@ -168,13 +199,25 @@ class TermColumn:
     # -- writing and reading --------------------------------------------------------------
     def set(self, key: int, terms: Terms) -> None:
         with self._lock:
-            self._changed[int(key)] = tuple(terms)
+            by_name, names = self._name_numbers(), self._names
+            row = []
+            for term in terms:
+                number = by_name.get(term)
+                if number is None:
+                    number = by_name[term] = len(names)
+                    names.append(term)
+                row.append(number)
+            self._changed[int(key)] = np.array(row, dtype=np.int32)
 
     def clear(self, key: int) -> None:
         self.set(key, ())
 
     def get(self, keys: Sequence[int]) -> list[Terms]:
         """Terms of ``keys``, in the same order (empty for a key never written)."""
+        return self.runs(keys).tuples()
+
+    def runs(self, keys: Sequence[int]) -> TermRuns:
+        """Terms of ``keys`` as numbers of this column's vocabulary (see ``TermRuns``)."""
         with self._lock:
             offsets, numbers, changed = self._offsets, self._numbers, self._changed
             # Every key's run gathered at once; a key outside the snapshot has an empty one.
@@ -185,38 +228,45 @@ class TermColumn:
                 at = np.where(inside, at, 0)
                 starts = np.where(inside, offsets[at], 0)
                 counts = np.where(inside, offsets[at + 1], 0) - starts
-            firsts = np.cumsum(counts) - counts
-            flat = numbers[np.repeat(starts - firsts, counts) + np.arange(int(counts.sum()))]
-            names = self._named(flat.tolist())
-            out: list[Terms] = []
-            for key, first, count in zip(keys, firsts.tolist(), counts.tolist(), strict=True):
-                written = changed.get(key)
-                out.append(written if written is not None else tuple(names[first : first + count]))
-            return out
+            if changed and any(int(k) in changed for k in keys):  # written since: theirs
+                spans = zip(map(int, keys), starts.tolist(), counts.tolist(), strict=True)
+                rows = [changed[k] if k in changed else numbers[s : s + c] for k, s, c in spans]
+                counts = np.fromiter(map(len, rows), np.int64, len(rows))
+                flat = np.concatenate([np.zeros(0, np.int32), *rows])
+            else:
+                firsts = np.cumsum(counts) - counts
+                flat = numbers[np.repeat(starts - firsts, counts) + np.arange(int(counts.sum()))]
+        return TermRuns(counts, flat.astype(np.int64), self.names, self)
+
+    def names(self, numbers: list[int]) -> list[str]:
+        """The names of ``numbers``, each decoded once and then shared."""
+        with self._lock:
+            names = self._names
+            got = list(map(names.__getitem__, numbers))
+            if None not in got:
+                return cast(list[str], got)
+            known = len(self._vocab_offsets) - 1
+            if self._decoded > MAX_DECODED:  # a vast vocabulary: do not keep all of it decoded
+                names[:known] = [None] * known
+                self._decoded = 0
+            vocab, ends = self._vocab, self._vocab_offsets
+            for n in set(numbers):
+                if names[n] is None:
+                    names[n] = vocab[int(ends[n]) : int(ends[n + 1])].decode()
+                    self._decoded += 1
+            return cast(list[str], list(map(names.__getitem__, numbers)))
 
     # -- internals ------------------------------------------------------------------------
-    def _named(self, numbers: list[int]) -> list[str]:
-        """The names of ``numbers``, each decoded once and then shared (lock held)."""
-        names = self._names
-        got = list(map(names.__getitem__, numbers))
-        if None not in got:
-            return cast(list[str], got)
-        if self._decoded > MAX_DECODED:  # a vast vocabulary: do not keep all of it decoded
-            names[:] = [None] * len(names)
-            self._decoded = 0
-        vocab, ends = self._vocab, self._vocab_offsets
-        for n in set(numbers):
-            if names[n] is None:
-                names[n] = vocab[int(ends[n]) : int(ends[n + 1])].decode()
-                self._decoded += 1
-        return cast(list[str], list(map(names.__getitem__, numbers)))
-
     def _name_numbers(self) -> dict[str, int]:
-        """name -> number over the whole vocabulary, decoded the first time a save needs it
-        (a process that writes; readers never build it)."""
+        """name -> number over the whole vocabulary (lock held), decoded the first time a
+        write needs it: a process that only reads never builds it."""
         if self._by_name is None:
-            vocab, ends = self._vocab, self._vocab_offsets.tolist()
-            self._by_name = {vocab[ends[n] : ends[n + 1]].decode(): n for n in range(len(ends) - 1)}
+            self._by_name = {}
+            for n, name in enumerate(self._names):
+                if name is None:
+                    start, end = self._vocab_offsets[n : n + 2].tolist()
+                    name = self._names[n] = self._vocab[start:end].decode()
+                self._by_name[name] = n
         return self._by_name
 
 

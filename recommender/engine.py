@@ -34,6 +34,7 @@ from indexer.catalog import (
 )
 from indexer.encoders.base import Encoder
 from indexer.images import ImageLimits, decode_image, read_embedded_metadata
+from indexer.term_column import TermRuns
 from indexer.vector_index import IndexPolicy, as_keys
 from indexer.vector_store import StoreConfig
 from recommender.api import (
@@ -526,7 +527,7 @@ class Engine:
         revision = self.catalog.revision
         candidates, complete = self._retrieve(session, max(cfg.k, 2 * size))
         # Terms, not rows: re-ranking needs only these, and a page shows a fifth of the pool.
-        terms = self.catalog.terms_of(candidates.keys.tolist())
+        terms = self.catalog.term_runs(candidates.keys.tolist())
         candidates.set_vectors(TERM_SPACE, term_matrix(terms))
         ranked = self._rank(session, candidates, terms)
         pool = ranked.pool
@@ -556,7 +557,8 @@ class Engine:
             return pool.take(np.arange(n))
         window = _Pool(self.catalog, ranking.keys[:n], ranking.cosines[:n])
         if TERM_SPACE in session.steering:
-            window.set_vectors(TERM_SPACE, term_matrix(self.catalog.terms_of(window.keys.tolist())))
+            terms = self.catalog.term_runs(window.keys.tolist())
+            window.set_vectors(TERM_SPACE, term_matrix(terms))
         return window
 
     def _retrieve(self, session: Session, k: int) -> tuple[_Pool, bool]:
@@ -607,7 +609,7 @@ class Engine:
         total = np.nansum(stacked, axis=0)
         return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
 
-    def _rank(self, session: Session, candidates: _Pool, terms: list[tuple[str, ...]]) -> _Ranked:
+    def _rank(self, session: Session, candidates: _Pool, terms: TermRuns) -> _Ranked:
         text_vecs = candidates.vectors("text") if "text" in self.spaces else None
         clip_sim = None
         if "clip" in self.spaces and "clip" in session.query and session.primary != "clip":
@@ -704,11 +706,12 @@ class Engine:
             dtype=np.float32,
         )
         known_keys = [k for _, k in known]
-        # Summaries: the page just served these, so they are cached (full rows are read anew).
+        # The vocabulary weighs tags and prompt terms apart: summaries, which the page just
+        # served and so are cached (full rows would be read anew).
         by_key = {item.key: item for item in self.catalog.item_summaries(known_keys)}
         for space, state in session.steering.items():
             if space == TERM_SPACE:
-                vectors = term_matrix([by_key[k].terms if k in by_key else () for k in known_keys])
+                vectors = term_matrix(self.catalog.term_runs(known_keys))
             else:
                 vectors = self.catalog.vectors(space, known_keys)
             session.query[space] = self.steerer.update(state, vectors, known_scores)

@@ -7,16 +7,15 @@ tags, then those of the images the person dwelt on, weighted by dwell.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from indexer.prompts import FILLER_PHRASES, STOPWORDS, normalise_term, prompt_terms
+from indexer.term_column import TermRuns
 from recommender.types import Indices, Scores, Vector, as_rows, mean_std, row_cosines
 
 log = logging.getLogger(__name__)
@@ -193,7 +192,7 @@ def rerank(
     image_sim: ArrayLike,
     vocabulary: LocalVocabulary | None = None,
     text_vecs: ArrayLike | None = None,
-    terms: Sequence[Sequence[str]] | None = None,
+    terms: TermRuns | Sequence[Sequence[str]] | None = None,
     clip_sim: ArrayLike | None = None,
     config: RerankConfig | None = None,
 ) -> RerankResult:
@@ -201,7 +200,8 @@ def rerank(
 
     ``image_sim``: float (N,) cosine to the query in the primary space (NaN = missing).
     ``text_vecs``: float (N, d) prompt embeddings (``text`` space); a zero row = no prompt.
-    ``terms``: per candidate, its distinct normalised terms (``item_terms``); empty = none.
+    ``terms``: per candidate, its distinct normalised terms (``item_terms``), as a catalog's
+    ``TermRuns`` or as tuples; empty = none.
     ``clip_sim``: float (N,) cosine in the ``clip`` space (NaN = missing), or None.
     Without a vocabulary (or one with no prompts / terms) those signals drop out and the
     weights renormalise over what remains, so image similarity dominates.
@@ -210,13 +210,16 @@ def rerank(
     wts = cfg.weights
     img = np.asarray(image_sim, dtype=np.float64).reshape(-1)
     n = img.shape[0]
+    runs = None if terms is None else terms if isinstance(terms, TermRuns) else TermRuns.of(terms)
+    if runs is not None and len(runs) != n:
+        raise ValueError(f"terms has {len(runs)} entries for {n} candidates")
     signals: list[tuple[str, float, NDArray[np.float64]]] = [("image", wts.image, img)]
     if vocabulary is not None and text_vecs is not None:
         prompt = _prompt_similarity(vocabulary, text_vecs, n)
         if prompt is not None:
             signals.append(("prompt", wts.prompt, prompt))
-    if vocabulary is not None and terms is not None:
-        tag = _tag_similarity(vocabulary.term_weights(), terms, n)
+    if vocabulary is not None and runs is not None:
+        tag = _tag_similarity(vocabulary.term_weights(), runs)
         if tag is not None:
             signals.append(("tags", wts.tags, tag))
     if clip_sim is not None:
@@ -229,8 +232,9 @@ def rerank(
     total = sum(w for _, w, _ in used)
     for _, w, v in used:
         fused += (w / total) * _standardise(v, cfg)
-    if terms is not None and vocabulary is not None and vocabulary.muted and cfg.muted_penalty:
-        fused -= cfg.muted_penalty * _has_muted(terms, vocabulary.muted, n)
+    if runs is not None and vocabulary is not None and vocabulary.muted and cfg.muted_penalty:
+        muted = vocabulary.muted
+        fused -= cfg.muted_penalty * (_per_item(runs, lambda name: name in muted) > 0)
     order = np.argsort(-fused, kind="stable").astype(np.int64)
     return RerankResult(fused.astype(np.float32), order, tuple(name for name, _, _ in used))
 
@@ -256,29 +260,23 @@ def _prompt_similarity(
     return np.where(np.any(np.isfinite(t) & (t != 0), axis=1), sim, np.nan)
 
 
-def _tag_similarity(
-    weights: dict[str, float], terms: Sequence[Sequence[str]], n: int
-) -> NDArray[np.float64] | None:
+def _tag_similarity(weights: dict[str, float], runs: TermRuns) -> NDArray[np.float64] | None:
     """Cosine between each candidate's binary term set and the vocabulary's term weights."""
-    if len(terms) != n:
-        raise ValueError(f"terms has {len(terms)} entries for {n} candidates")
     norm = float(np.sqrt(sum(w * w for w in weights.values())))
     if norm == 0:
         return None
-    out = np.full(n, np.nan)
-    for i, own in enumerate(terms):
-        if own:
-            out[i] = sum(map(weights.get, own, itertools.repeat(0.0))) / (
-                math.sqrt(len(own)) * norm
-            )
-    return out
+    sums = _per_item(runs, lambda name: weights.get(name, 0.0))
+    counts = runs.counts
+    return np.where(counts > 0, sums / (np.sqrt(np.maximum(counts, 1)) * norm), np.nan)
 
 
-def _has_muted(
-    terms: Sequence[Sequence[str]], muted: frozenset[str], n: int
-) -> NDArray[np.float64]:
-    flags = [any(t in muted for t in cand) for cand in terms[:n]]
-    return np.asarray(flags, dtype=np.float64)
+def _per_item(runs: TermRuns, value: Callable[[str], float]) -> NDArray[np.float64]:
+    """Each item's sum of ``value`` over its terms, worked out once per distinct term."""
+    distinct, which = np.unique(runs.numbers, return_inverse=True)
+    per_term = np.fromiter(map(value, runs.names(distinct.tolist())), np.float64, len(distinct))
+    item_of = np.repeat(np.arange(len(runs)), runs.counts)
+    sums = np.bincount(item_of, weights=per_term[which], minlength=len(runs))
+    return sums.astype(np.float64, copy=False)
 
 
 __all__ = [

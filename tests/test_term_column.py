@@ -127,15 +127,15 @@ def test_the_catalogs_terms_match_its_rows_and_follow_every_write(catalog: Catal
 
     def agree() -> None:
         rows = {s.key: s.terms for s in catalog.item_summaries(keys)}
-        assert catalog.terms_of(keys) == [rows.get(k, ()) for k in keys]
+        assert catalog.term_runs(keys).tuples() == [rows.get(k, ()) for k in keys]
 
     agree()
-    assert catalog.terms_of([keys[0]]) == [item_terms(("red",), prompt_terms("prompt 0"))]
+    assert catalog.term_runs([keys[0]]).tuples() == [item_terms(("red",), prompt_terms("prompt 0"))]
     changed = DumpRecord(id="3", image_path=Path("/dump/3.png"), prompt="red hair, cat")
     assert catalog.update_metadata("3", changed)
-    assert catalog.terms_of([catalog.key_for_id("3")]) == [("cat", "red hair")]
+    assert catalog.term_runs([catalog.key_for_id("3")]).tuples() == [("cat", "red hair")]
     catalog.delete(["4"])
-    assert catalog.terms_of([keys[4]]) == [()]
+    assert catalog.term_runs([keys[4]]).tuples() == [()]
     items, vectors = make_items(28, 5, np.random.default_rng(1))  # two replaced, three new
     catalog.add(items, vectors)
     keys = _all_keys(catalog)
@@ -148,7 +148,7 @@ def test_a_reopened_catalog_reads_its_terms_from_the_file(
     keys = _all_keys(catalog)
     catalog.update_metadata("3", DumpRecord(id="3", image_path=Path("/dump/3.png"), prompt="cat"))
     catalog.checkpoint()
-    before = catalog.terms_of(keys)
+    before = catalog.term_runs(keys).tuples()
     catalog.close()
 
     def no_rebuild(*args: object, **kwargs: object) -> TermColumn:
@@ -156,13 +156,13 @@ def test_a_reopened_catalog_reads_its_terms_from_the_file(
 
     monkeypatch.setattr(TermColumn, "from_rows", no_rebuild)
     reopened = Catalog.open(catalog.path)
-    assert reopened.terms_of(keys) == before and not reopened.terms.dirty
+    assert reopened.term_runs(keys).tuples() == before and not reopened.terms.dirty
     reopened.close()
 
 
 def test_terms_a_crash_left_behind_are_rebuilt_from_sqlite(catalog: Catalog) -> None:
     keys = _all_keys(catalog)
-    before = catalog.terms_of(keys)
+    before = catalog.term_runs(keys).tuples()
     path = catalog.path
     catalog.close()
     saved = (path / TERMS_FILE).read_bytes()
@@ -172,12 +172,12 @@ def test_terms_a_crash_left_behind_are_rebuilt_from_sqlite(catalog: Catalog) -> 
         conn.execute("UPDATE state SET value = value + 1 WHERE name = 'generation'")
     reopened = Catalog.open(path)
     key3 = reopened.key_for_id("3")
-    assert reopened.terms_of([key3]) == [("fresh", "prompt")]
+    assert reopened.term_runs([key3]).tuples() == [("fresh", "prompt")]
     assert (path / TERMS_FILE).read_bytes() != saved  # and written again at the open
     reopened.close()
     (path / TERMS_FILE).write_bytes(saved[:100])  # a damaged file: rebuilt as well
     reopened = Catalog.open(path)
-    assert reopened.terms_of(keys) == [
+    assert reopened.term_runs(keys).tuples() == [
         ("fresh", "prompt") if k == key3 else t for k, t in zip(keys, before, strict=True)
     ]
     reopened.close()
@@ -189,7 +189,7 @@ def test_a_catalog_in_a_read_only_directory_still_opens(
     """An upgraded catalog gains its terms file at its first open; where that cannot be
     written, the rebuilt column serves from memory."""
     keys = _all_keys(catalog)
-    before = catalog.terms_of(keys)
+    before = catalog.term_runs(keys).tuples()
     path = catalog.path
     catalog.close()
     (path / TERMS_FILE).unlink()  # as written by a lookalike without the term column
@@ -199,5 +199,5 @@ def test_a_catalog_in_a_read_only_directory_still_opens(
 
     monkeypatch.setattr("indexer.term_column.atomic_write", refused)
     reopened = Catalog.open(path)
-    assert reopened.terms_of(keys) == before and reopened.terms.dirty
+    assert reopened.term_runs(keys).tuples() == before and reopened.terms.dirty
     reopened.close()
