@@ -167,3 +167,22 @@ def test_size_mismatches_are_refused() -> None:
         rerank([0.1, 0.2], clip_sim=[0.1])
     with pytest.raises(ValueError):
         RerankWeights(image=-1)
+
+
+def test_terms_as_a_columns_numbers_rank_as_their_names_do(tmp_path) -> None:
+    from indexer.term_column import TermColumn
+
+    rng = np.random.default_rng(5)
+    words = ["red", "cat", "red hair", "dog", "sky", "blue", "tree"]
+    terms = [tuple(sorted(set(rng.choice(words, rng.integers(0, 4)).tolist()))) for _ in range(30)]
+    column = TermColumn.from_rows(enumerate(terms))
+    column.save(tmp_path / "terms.bin", (1, 1))
+    vocab = LocalVocabulary()
+    vocab.add(None, tags=["red", "sky"], terms=["cat"], weight=1.0)
+    vocab.mute("dog")
+    image = rng.random(30)
+    by_name = rerank(image, vocab, terms=terms)
+    by_number = rerank(image, vocab, terms=column.runs(list(range(30))))
+    assert np.array_equal(by_name.order, by_number.order)
+    np.testing.assert_allclose(by_name.scores, by_number.scores, rtol=1e-6)
+    assert by_name.signals == ("image", "tags")

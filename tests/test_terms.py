@@ -60,3 +60,23 @@ def test_a_linear_preference_over_terms_learns_a_liked_tag_from_a_page_of_dwell(
     scores = x @ query
     best = [items[i] for i in np.argsort(-scores)[:4]]
     assert all(colour == "blue" for colour, _ in best)
+
+
+def test_a_catalog_columns_term_numbers_give_the_rows_their_names_give(tmp_path) -> None:
+    """Ranking passes term numbers (a column's ``TermRuns``), queries pass strings: both
+    give the same rows, as the column's vocabulary grows, before and after it is saved."""
+    from indexer.term_column import TermColumn
+
+    rng = np.random.default_rng(3)
+    words = [f"w{i}" for i in range(60)] + ["red", "red hair", "hair", "blue sky", "sky"]
+    column, held = TermColumn(), {}
+    for step in range(40):
+        for key in rng.integers(0, 300, 8).tolist():
+            held[key] = tuple(sorted(set(rng.choice(words, rng.integers(0, 9)).tolist())))
+            column.set(key, held[key])
+        if step % 10 == 9:
+            column.save(tmp_path / "terms.bin", (step, 1))
+        keys = rng.integers(-1, 320, 25).tolist()
+        runs = column.runs(keys)
+        assert runs.tuples() == [held.get(k, ()) for k in keys]
+        assert np.array_equal(term_matrix(runs), term_matrix(runs.tuples()))
