@@ -127,15 +127,14 @@ PROMPT_TERMS_CHUNK = 20_000  # rows parsed per transaction when a catalog's prom
 
 
 class ItemSummary(NamedTuple):
-    """What a feed page reads of every candidate: the tags and prompt terms that re-rank it,
-    and what a page shows of it (far less to decode than a ``CatalogItem``)."""
+    """What a feed page reads of each item it shows, and feedback of each item it steers with
+    (far less to decode than a ``CatalogItem``); re-ranking reads the term column instead."""
 
     key: int
     id: str
     prompt: str | None
     tags: tuple[str, ...]
     prompt_terms: tuple[str, ...]
-    terms: tuple[str, ...]  # ``item_terms``: worked out once per read, not once per page
     width: int | None
     height: int | None
     nsfw_level: int
@@ -176,11 +175,6 @@ class CatalogItem:
     def meta(self) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(self.meta_json)
         return value
-
-    @property
-    def terms(self) -> tuple[str, ...]:
-        """Its distinct normalised tags and prompt terms (``item_terms``)."""
-        return item_terms(self.tags, self.prompt_terms)
 
     @property
     def nsfw_name(self) -> str:
@@ -1366,10 +1360,8 @@ def _summary_fields(
     source: str,
 ) -> tuple[Any, ...]:
     """An ``ItemSummary``'s fields from its columns."""
-    tag_tuple = tuple(orjson.loads(tags))
-    terms = _decoded_terms(parsed, prompt)
-    all_terms = item_terms(tag_tuple, terms)
-    return (key, item_id, prompt, tag_tuple, terms, all_terms, width, height, nsfw_level, source)
+    tag_tuple, terms = tuple(orjson.loads(tags)), _decoded_terms(parsed, prompt)
+    return (key, item_id, prompt, tag_tuple, terms, width, height, nsfw_level, source)
 
 
 def _record_terms(record: DumpRecord) -> tuple[str, ...]:

@@ -126,7 +126,7 @@ def test_the_catalogs_terms_match_its_rows_and_follow_every_write(catalog: Catal
     keys = _all_keys(catalog)
 
     def agree() -> None:
-        rows = {s.key: s.terms for s in catalog.item_summaries(keys)}
+        rows = {s.key: item_terms(s.tags, s.prompt_terms) for s in catalog.item_summaries(keys)}
         assert catalog.term_runs(keys).tuples() == [rows.get(k, ()) for k in keys]
 
     agree()
