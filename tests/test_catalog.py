@@ -49,13 +49,18 @@ def make_items(start: int, count: int, rng: np.random.Generator) -> tuple[list[N
     return items, vectors
 
 
-@pytest.fixture
-def catalog(tmp_path: Path) -> Catalog:
-    cat = Catalog.create_or_open(tmp_path / "cat", SPECS)
-    items, vectors = make_items(0, 40, np.random.default_rng(0))
+def new_catalog(path: Path, count: int) -> Catalog:
+    """A catalog of ``make_items(0, count)``, checkpointed."""
+    cat = Catalog.create_or_open(path, SPECS)
+    items, vectors = make_items(0, count, np.random.default_rng(0))
     cat.add(items, vectors)
     cat.checkpoint()
     return cat
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    return new_catalog(tmp_path / "cat", 40)
 
 
 def test_search_finds_an_items_own_vector_first(catalog: Catalog) -> None:

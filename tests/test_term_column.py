@@ -12,7 +12,7 @@ from indexer.catalog import DATABASE, TERMS_FILE, Catalog
 from indexer.prompts import item_terms, prompt_terms
 from indexer.records import DumpRecord
 from indexer.term_column import TermColumn
-from tests.test_catalog import SPECS, make_items
+from tests.test_catalog import make_items, new_catalog
 
 STAMP = (7, 1)
 
@@ -111,11 +111,7 @@ def test_a_file_of_another_stamp_or_damaged_is_not_read(tmp_path: Path) -> None:
 
 @pytest.fixture
 def catalog(tmp_path: Path) -> Catalog:
-    cat = Catalog.create_or_open(tmp_path / "cat", SPECS)
-    items, vectors = make_items(0, 30, np.random.default_rng(0))
-    cat.add(items, vectors)
-    cat.checkpoint()
-    return cat
+    return new_catalog(tmp_path / "cat", 30)
 
 
 def _all_keys(catalog: Catalog) -> list[int]:
