@@ -766,7 +766,7 @@ class Catalog:
 
     def item_summaries(self, keys: Sequence[int]) -> list[ItemSummary]:
         """Summaries of ``keys``, in the same order, gone keys left out: what a feed page
-        reads of every candidate it re-ranks."""
+        reads of each item it shows."""
         return [ItemSummary._make(row) for row in self._summary_cache.get(keys)]
 
     def _read_items(self, keys: list[int]) -> dict[int, CatalogItem]:
@@ -1216,7 +1216,7 @@ class Catalog:
                 self.columns.set(key, level, base_model)
         terms = TermColumn.load(self.path / TERMS_FILE, self._terms_stamp(self.generation()))
         if terms is None:  # none yet (an older catalog), or of another generation: rebuild
-            log.info("reading the items' terms from SQLite (once; ~10 s per million items)")
+            log.info("reading the items' terms from SQLite (once; ~20 s per million items)")
             with self._lock:
                 rows = self._conn.execute(
                     "SELECT key, tags, prompt_terms, prompt FROM items ORDER BY key"

@@ -25,6 +25,7 @@ from recommender.types import Vector
 
 TERM_SPACE = "terms"
 TERM_DIM = 1024  # hashed: collisions among a catalog's few thousand terms are rare and harmless
+_EXACT_POSITIONS = 1 << 24  # float32 holds positions exactly below this (see ``term_matrix``)
 
 
 def _term_features(term: str) -> frozenset[str]:
@@ -116,10 +117,14 @@ def term_matrix(items: TermRuns | Sequence[tuple[str, ...]]) -> NDArray[np.float
     cols = slots[np.repeat(starts, counts) + within]
     rows = np.repeat(np.repeat(np.arange(n), runs.counts), counts)
     # A slot two terms share (the "red" of "red", "red hair") counts once: of the writes to
-    # one cell, only the last one reads its own position back.
+    # one cell, whichever lands last is the only one to read its own position back.
     out = np.zeros((n, TERM_DIM), dtype=np.float32)
-    position = np.arange(len(rows), dtype=np.float32)  # exact below 2**24
-    out[rows, cols] = position
-    per_row = np.bincount(rows[out[rows, cols] == position], minlength=n)
+    if len(rows) < _EXACT_POSITIONS:
+        position = np.arange(len(rows), dtype=np.float32)
+        out[rows, cols] = position
+        winners = rows[out[rows, cols] == position]
+    else:  # one row per distinct cell, by sorting them
+        winners = np.unique(rows * TERM_DIM + cols) // TERM_DIM
+    per_row = np.bincount(winners, minlength=n)
     out[rows, cols] = (1.0 / np.sqrt(np.maximum(per_row, 1)))[rows]
     return out

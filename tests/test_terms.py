@@ -30,6 +30,16 @@ def test_a_feature_two_terms_share_counts_once() -> None:
     assert np.array_equal(row, term_vector(["Red", "red_hair"], None))
 
 
+def test_shared_features_count_once_however_many_occurrences_a_call_has(monkeypatch) -> None:
+    import recommender.terms
+
+    items = [("red", "red hair", "hair"), ("blue sky", "sky", "blue"), ("cat",), ()]
+    small = term_matrix(items)
+    monkeypatch.setattr(recommender.terms, "_EXACT_POSITIONS", 0)  # the path for huge calls
+    assert np.array_equal(term_matrix(items), small)
+    assert np.allclose(np.linalg.norm(small[:3], axis=1), 1.0) and not small[3].any()
+
+
 def test_rows_are_unit_or_zero_and_shared_features_make_items_close() -> None:
     rows = term_matrix(
         [
