@@ -197,3 +197,40 @@ def test_a_catalog_in_a_read_only_directory_still_opens(
     reopened = Catalog.open(path)
     assert reopened.term_runs(keys).tuples() == before and reopened.terms.dirty
     reopened.close()
+
+
+def test_reads_during_saves_and_writes_always_see_the_latest_terms(tmp_path: Path) -> None:
+    """A server reads the column while a generation thread writes and checkpoints it: no read
+    may see a key's terms from before a write it follows, or a half-swapped snapshot."""
+    import threading
+
+    column = TermColumn.from_rows((k, (f"t{k}",)) for k in range(200))
+    column.save(tmp_path / "terms.bin", (0, 1))
+    version = [0] * 200  # the last version written of each key (the writer's record)
+    stop, failures = threading.Event(), []
+
+    def write_and_save() -> None:
+        for step in range(1, 30):
+            for key in range(step % 7, 200, 7):
+                column.set(key, (f"t{key}", f"v{step}"))
+                version[key] = step
+            column.save(tmp_path / "terms.bin", (step, 1))
+        stop.set()
+
+    def read() -> None:
+        while not stop.is_set():
+            wanted = list(range(200))
+            before = list(version)
+            got = column.get(wanted)
+            for key, terms in zip(wanted, got, strict=True):
+                seen = int(terms[1][1:]) if len(terms) > 1 else 0
+                if terms[0] != f"t{key}" or seen < before[key]:
+                    failures.append((key, terms, before[key]))
+
+    writer, reader = threading.Thread(target=write_and_save), threading.Thread(target=read)
+    reader.start()
+    writer.start()
+    writer.join()
+    reader.join()
+    assert not failures, failures[:3]
+    assert column.get([1])[0] == ("t1", "v29")
