@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -169,7 +171,7 @@ def test_size_mismatches_are_refused() -> None:
         RerankWeights(image=-1)
 
 
-def test_terms_as_a_columns_numbers_rank_as_their_names_do(tmp_path) -> None:
+def test_terms_as_a_columns_numbers_rank_as_their_names_do(tmp_path: Path) -> None:
     from indexer.term_column import TermColumn
 
     rng = np.random.default_rng(5)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from indexer.prompts import item_terms, prompt_terms
 from recommender.feedback import BayesSteerer
@@ -30,7 +33,9 @@ def test_a_feature_two_terms_share_counts_once() -> None:
     assert np.array_equal(row, term_vector(["Red", "red_hair"], None))
 
 
-def test_shared_features_count_once_however_many_occurrences_a_call_has(monkeypatch) -> None:
+def test_shared_features_count_once_however_many_occurrences_a_call_has(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import recommender.terms
 
     items = [("red", "red hair", "hair"), ("blue sky", "sky", "blue"), ("cat",), ()]
@@ -72,7 +77,9 @@ def test_a_linear_preference_over_terms_learns_a_liked_tag_from_a_page_of_dwell(
     assert all(colour == "blue" for colour, _ in best)
 
 
-def test_a_catalog_columns_term_numbers_give_the_rows_their_names_give(tmp_path) -> None:
+def test_a_catalog_columns_term_numbers_give_the_rows_their_names_give(
+    tmp_path: Path,
+) -> None:
     """Ranking passes term numbers (a column's ``TermRuns``), queries pass strings: both
     give the same rows, as the column's vocabulary grows, before and after it is saved."""
     from indexer.term_column import TermColumn
