@@ -5,10 +5,9 @@ and two JSON decodes), and a steered page's candidates are mostly new to the pro
 The column is a snapshot file plus the keys written since it was taken. The file numbers the
 catalog's distinct terms (its vocabulary, stored once as UTF-8) and holds each key's run of
 term numbers; it is memory-mapped, so the worker processes of one server share its pages.
-Reading gathers the numbers with numpy and hands out one shared ``str`` per term, decoded once
-per process: their hashes are computed once too, which matters because re-ranking looks each
-candidate term up in several dicts (a freshly decoded string costs ~0.2 us a lookup, most of a
-page's term work). Writes go to a dict of changed keys; ``save`` folds them into a new file,
+Reading gathers the numbers with numpy (``runs``), so that re-ranking can do its per-term work
+once per distinct number; names are decoded once per process and shared. Writes go to a dict
+of changed keys; ``save`` folds them into a new file,
 stamped with the catalog generation (and ``PROMPT_TERMS_VERSION``) that it reflects, like the
 FAISS snapshots: a file with another stamp is stale, and the catalog rebuilds the column from
 SQLite.
