@@ -745,6 +745,7 @@ def _knn(
         if block.dtype == np.float16:
             # FAISS scores float16 rows directly (SIMD); numpy's float16 -> float32 cast takes
             # ~3 ns per element here, 5x longer than FAISS's whole search.
+            queries, block = _simd_width(queries, block)
             flat = faiss.IndexScalarQuantizer(
                 block.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
             )
@@ -761,6 +762,25 @@ def _knn(
     best = np.take_along_axis(scores, positions, 1)
     order = np.argsort(-best, axis=1, kind="stable")
     return np.take_along_axis(best, order, 1), np.take_along_axis(positions, order, 1)
+
+
+def _simd_width(
+    queries: NDArray[np.float32], block: NDArray[np.float16]
+) -> tuple[NDArray[np.float32], NDArray[np.float16]]:
+    """``queries`` and ``block`` zero-padded to a multiple of 8 dims (same inner products).
+
+    FAISS's SIMD float16 kernels take 8 dims at a time; other widths (the offline profile's
+    289-dim pixels space) fall back to scalar code, 3-4x slower: 800 rows, 289 dims: 0.65 ms,
+    against 0.17 ms padded to 296, the copy included."""
+    dim = block.shape[1]
+    if dim % 8 == 0:
+        return queries, block
+    width = dim + 8 - dim % 8
+    padded_block = np.zeros((len(block), width), dtype=block.dtype)
+    padded_block[:, :dim] = block
+    padded_queries = np.zeros((len(queries), width), dtype=queries.dtype)
+    padded_queries[:, :dim] = queries
+    return padded_queries, padded_block
 
 
 def _rerank(

@@ -318,3 +318,18 @@ def test_a_dim_without_a_divisor_near_the_code_budget_is_padded(tmp_path: Path) 
     assert not set(found[0][:5].tolist()) & set(loaded.search(queries[:1], 50)[1][0].tolist())
     loaded.close()
     index.close()
+
+
+@pytest.mark.parametrize("dim", [17, 64, 289])
+def test_float16_rows_are_scored_exactly_at_any_width(dim: int) -> None:
+    """Few queries score float16 rows with FAISS's SIMD kernels, which take 8 dims at a time:
+    other widths are zero-padded, and the scores stay the inner products of the rows."""
+    rng = np.random.default_rng(dim)
+    rows = rng.normal(size=(500, dim)).astype(np.float16)
+    queries = rng.normal(size=(3, dim)).astype(np.float32)
+    keys = np.arange(500, dtype=np.int64) + 7
+    scores, found = exact_search(rows, keys, queries, 20)
+    full = queries @ rows.astype(np.float32).T
+    truth = np.argsort(-full, axis=1)[:, :20]
+    np.testing.assert_array_equal(found, keys[truth])
+    np.testing.assert_allclose(scores, np.take_along_axis(full, truth, 1), rtol=1e-5, atol=1e-4)
