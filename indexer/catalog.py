@@ -25,6 +25,7 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
+from indexer.arrays import grown
 from indexer.compressed_index import CompressedIndex
 from indexer.encoders.base import EncoderSpec
 from indexer.errors import CatalogError, DiskFullError, EncoderMismatchError
@@ -243,9 +244,9 @@ class Columns:
 
     def set(self, key: int, nsfw_level: int, base_model: str | None) -> None:
         if key >= len(self.nsfw_level):
-            size = max(key + 1, 2 * len(self.nsfw_level), 1024)
-            self.nsfw_level = _grow(self.nsfw_level, size)
-            self.base_model = _grow(self.base_model, size)
+            size = max(key + 1, 1024)
+            self.nsfw_level = grown(self.nsfw_level, size, fill=-1, spare=1.0)
+            self.base_model = grown(self.base_model, len(self.nsfw_level), fill=-1)
         self.nsfw_level[key] = nsfw_level
         self.base_model[key] = self.code(base_model) if base_model else -1
 
@@ -256,12 +257,6 @@ class Columns:
 
     def code(self, base_model: str) -> int:
         return self.base_model_codes.setdefault(base_model, len(self.base_model_codes))
-
-
-def _grow(array: NDArray[Any], size: int) -> NDArray[Any]:
-    grown = np.full(size, -1, dtype=array.dtype)
-    grown[: len(array)] = array
-    return grown
 
 
 def encoder_entry(spec: EncoderSpec) -> dict[str, Any]:

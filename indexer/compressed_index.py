@@ -39,6 +39,7 @@ import faiss
 import numpy as np
 from numpy.typing import NDArray
 
+from indexer.arrays import grown
 from indexer.filters import Filters, ItemAttributes
 from indexer.storage import atomic_write, translate_disk_full
 from indexer.vector_index import (
@@ -204,7 +205,7 @@ class CompressedIndex:
             if self._ivf is not None and len(replaced):
                 self._ivf.remove_ids(faiss.IDSelectorBatch(replaced))
             first = self._append(vectors)
-            self._table = _grown(self._table, int(keys.max()))
+            self._table = grown(self._table, int(keys.max()) + 1, fill=-1, spare=0.25)
             self._table[keys] = np.arange(first, first + len(keys), dtype=np.int32)
             self._count += len(keys) - len(replaced)
             if self._ivf is not None:
@@ -249,7 +250,7 @@ class CompressedIndex:
             n = len(keys)
             if len(np.unique(keys)) != n:
                 raise ValueError("build: keys must be unique")
-            table = _grown(np.full(0, -1, dtype=np.int32), int(keys.max()) if n else -1, exact=True)
+            table = np.full(int(keys.max()) + 1 if n else 0, -1, dtype=np.int32)
             table[keys] = np.arange(n, dtype=np.int32)
             mm = self._vector_rows(file, n)
             written = time.perf_counter()
@@ -669,10 +670,10 @@ class CompressedIndex:
             buffer = None
         have = len(held) if buffer is not None and held is not None else 0
         if buffer is None or len(buffer) < rows:  # grow by a quarter: appends come in batches
-            grown = np.empty((max(rows, have + have // 4), self.dim), dtype=self._dtype)
+            bigger = np.empty((max(rows, have + have // 4), self.dim), dtype=self._dtype)
             if buffer is not None:
-                grown[:have] = buffer[:have]
-            buffer = grown
+                bigger[:have] = buffer[:have]
+            buffer = bigger
         if rows > have:
             _read_rows(file, have, buffer[have:rows])
         return buffer[:rows]
@@ -852,16 +853,6 @@ def _rows_of(table: NDArray[np.int32], keys: Keys) -> NDArray[np.int64]:
         return np.full(keys.shape, -1, dtype=np.int64)
     inside = (keys >= 0) & (keys < len(table))
     return np.where(inside, table[np.where(inside, keys, 0)], -1).astype(np.int64)
-
-
-def _grown(table: NDArray[np.int32], max_key: int, *, exact: bool = False) -> NDArray[np.int32]:
-    """``table`` long enough to index ``max_key`` (by 25 % more, to amortise growth)."""
-    if max_key < len(table):
-        return table
-    size = max_key + 1 if exact else max(max_key + 1, len(table) * 5 // 4)
-    grown = np.full(size, -1, dtype=np.int32)
-    grown[: len(table)] = table
-    return grown
 
 
 def _nlist_for(n: int) -> int:

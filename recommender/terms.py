@@ -19,6 +19,7 @@ from itertools import chain
 import numpy as np
 from numpy.typing import NDArray
 
+from indexer.arrays import grown
 from indexer.prompts import item_terms, prompt_terms
 from indexer.term_column import TermRuns
 from recommender.types import Vector
@@ -63,31 +64,21 @@ class _SlotTable:
         """Where each of ``numbers`` has its slots: starts, counts, and the slots."""
         with self._lock:
             if len(numbers) and int(numbers.max()) >= len(self.starts):
-                self.starts = _grown(self.starts, int(numbers.max()) + 1, fill=-1)
-                self.counts = _grown(self.counts, len(self.starts), fill=0)
+                self.starts = grown(self.starts, int(numbers.max()) + 1, fill=-1, spare=1.0)
+                self.counts = grown(self.counts, len(self.starts), fill=0)
             new = numbers[self.starts[numbers] < 0]
             if len(new):
                 new = np.unique(new)
                 found = [_term_slots(name) for name in names(new.tolist())]
                 counts = np.fromiter(map(len, found), np.int64, len(found))
                 end = self.used + int(counts.sum())
-                self.slots = _grown(self.slots, end, fill=0)
+                self.slots = grown(self.slots, end, fill=0, spare=1.0)
                 flat = np.fromiter(chain.from_iterable(found), np.int64, end - self.used)
                 self.slots[self.used : end] = flat
                 self.starts[new] = self.used + np.cumsum(counts) - counts
                 self.counts[new] = counts
                 self.used = end
             return self.starts[numbers], self.counts[numbers], self.slots
-
-
-def _grown(array: NDArray[np.int64], size: int, fill: int) -> NDArray[np.int64]:
-    """``array``, or a copy at least twice as long padded with ``fill`` when it is shorter
-    than ``size`` (doubling: adding entries copies nothing most times)."""
-    if size <= len(array):
-        return array
-    grown = np.full(max(size, 2 * len(array)), fill, dtype=array.dtype)
-    grown[: len(array)] = array
-    return grown
 
 
 # One table per vocabulary that numbers its terms for good (a catalog's term column).
