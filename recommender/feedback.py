@@ -167,9 +167,11 @@ class BayesState(SteeringState):
     resid: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     noise_var: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     mean: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
-    # The history centred and rescaled as above, float32 (n, d): every page's Thompson sample
-    # needs it, and rebuilding it from ``items`` each time cost more than the sample itself.
-    xc: NDArray[np.float32] = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    # The history stacked and its Gram matrix, float32 (n, d) and (n, n) like the rows, in step
+    # with ``items``: an update adds the products of its new rows instead of all n² of them,
+    # and the centred products follow from these (see ``BayesSteerer.update``).
+    rows: NDArray[np.float32] = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    gram: NDArray[np.float32] = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
     def solve(self, b: NDArray[np.float64]) -> NDArray[np.float64]:
         """A⁻¹b (n,) from the cached Cholesky factor; empty before the first update."""
@@ -177,11 +179,33 @@ class BayesState(SteeringState):
             return np.zeros(0)
         return scipy.linalg.cho_solve((self.a_chol, True), b, check_finite=False)
 
-    def centred(self) -> NDArray[np.float32]:
-        """The history float32 (n, d), centred and rescaled like the cached posterior."""
-        if not self.items:
-            return np.zeros((0, self.q0.shape[0]), np.float32)
-        return self.xc
+    def times(self, w: NDArray[np.floating]) -> NDArray[np.float64]:
+        """X̃w (n,): the history, centred and rescaled like the cached posterior, times w (d,)."""
+        dots = (self.rows @ w.astype(np.float32)).astype(np.float64)
+        return (dots - float(self.centre @ w)) / self.spread
+
+    def transposed_times(self, v: NDArray[np.float64]) -> NDArray[np.float64]:
+        """X̃ᵀv (d,) for v (n,)."""
+        summed = (self.rows.T @ v.astype(np.float32)).astype(np.float64)
+        return (summed - self.centre * float(v.sum())) / self.spread
+
+    def add_rows(self, new: NDArray[np.float32]) -> None:
+        """Bring ``rows`` and ``gram`` in step with ``items`` after ``remember`` added ``new``
+        (float32 (m, d)) and dropped what fell out of the history."""
+        n, had = len(self.items), len(self.rows)
+        kept = n - len(new)  # earlier rows still in the history
+        if kept < 0 or kept > had or self.rows.shape[1:] != new.shape[1:]:
+            # a batch longer than the history, or the first batch: stack them all
+            self.rows = np.stack(list(self.items)) if n else np.zeros((0, self.q0.size), np.float32)
+            self.gram = self.rows @ self.rows.T
+            return
+        old = self.rows[had - kept :]
+        gram = np.empty((n, n), np.float32)
+        gram[:kept, :kept] = self.gram[had - kept :, had - kept :]
+        gram[:kept, kept:] = old @ new.T
+        gram[kept:, :kept] = gram[:kept, kept:].T
+        gram[kept:, kept:] = new @ new.T
+        self.rows, self.gram = np.concatenate([old, new]), gram
 
 
 class Steerer(Protocol):
@@ -422,11 +446,12 @@ class BayesSteerer:
         mean  μ = κq0 + τ²X̃ᵀA⁻¹(s̃ − X̃κq0)
         cov   Σ = τ²I − τ⁴X̃ᵀA⁻¹X̃,
 
-    which costs O(n²d + n³) for n ≤ history shown items instead of O(d³). The new query is
-    normalise(μ): the prior keeps it at q0 until evidence accumulates, and the learned
-    direction takes over in the subspace spanned by what was shown. Heavy tails are handled
-    before this (log scale, caps, median/MAD, clipping in ``score_dwell``); the Gaussian
-    noise term then absorbs the rest.
+    which costs O(nmd + n³) for n ≤ history shown items and a batch of m instead of O(d³)
+    (the history's Gram matrix is kept between updates: only the batch's products are new).
+    The new query is normalise(μ): the prior keeps it at q0 until evidence accumulates, and
+    the learned direction takes over in the subspace spanned by what was shown. Heavy tails
+    are handled before this (log scale, caps, median/MAD, clipping in ``score_dwell``); the
+    Gaussian noise term then absorbs the rest.
 
     Exploration: a posterior sample by pathwise conditioning (Matheron's rule),
     w̃ = w₀ + τ²X̃ᵀA⁻¹(s̃ − X̃w₀ − ε) with w₀ ~ N(κq0, τ²I), ε ~ N(0, D); a candidate's
@@ -449,29 +474,31 @@ class BayesSteerer:
         cfg = self.config
         x, s = _prepare(state, items, scores)
         state.remember(x, s)
+        state.add_rows(x.astype(np.float32))
         m0 = cfg.prior_mean * state.q0.astype(np.float64)
         n = len(state.items)
         rho = cfg.decay ** np.arange(n - 1, -1, -1, dtype=np.float64)
-        # The (n, d) products run in float32 (the rows are float32 already); the n x n system
-        # and the sums that centre and scale stay float64.
-        hx = np.stack(list(state.items)) if n else np.zeros((0, m0.size), np.float32)
         hs = np.fromiter(state.scores, dtype=np.float64, count=n)
         wsum = max(float(rho.sum()), 1e-12)
-        state.centre = (rho @ hx.astype(np.float64)) / wsum
-        xc = hx - state.centre.astype(np.float32)
+        # Centring works on the Gram matrix G = XXᵀ, which grows by a batch's rows per update:
+        # with c the ρ-weighted mean row and p = Xc = Gρ / Σρ, the centred rows' products are
+        # G - p1ᵀ - 1pᵀ + cᵀc, an n x n sum instead of an n x n x d product (d = 1,024 in the
+        # terms space). The (n, d) products run in float32, as the rows are stored.
+        state.centre = (state.rows.T @ (rho / wsum).astype(np.float32)).astype(np.float64)
+        gram = state.gram.astype(np.float64)
+        p = gram @ rho / wsum
+        centred = gram - p[:, None] - p[None, :] + float(rho @ p) / wsum
         state.resid = hs - float(rho @ hs) / wsum
         state.noise_var = cfg.noise_std**2 / rho
-        spread2 = float(rho @ np.einsum("ij,ij->i", xc, xc, dtype=np.float64)) / wsum
+        spread2 = float(rho @ np.diag(centred)) / wsum
         state.spread = math.sqrt(spread2) if spread2 > 1e-12 else 1.0
-        xc /= np.float32(state.spread)
-        state.xc = xc
         tau2 = cfg.prior_std**2
         # A is symmetric positive definite (diagonal noise >= σ²): a Cholesky factor solves
         # with it at a fifth of the cost of inverting it
-        a = tau2 * (xc @ xc.T).astype(np.float64) + np.diag(state.noise_var)
+        a = (tau2 / state.spread**2) * centred + np.diag(state.noise_var)
         state.a_chol = scipy.linalg.cholesky(a, lower=True, check_finite=False)
-        dual = state.solve(state.resid - xc @ m0.astype(np.float32))
-        state.mean = m0 + tau2 * (xc.T @ dual.astype(np.float32)).astype(np.float64)
+        dual = state.solve(state.resid - state.times(m0))
+        state.mean = m0 + tau2 * state.transposed_times(dual)
         state.query = unit(state.mean, fallback=state.query)
         state.n_updates += 1
         return state.query
@@ -485,10 +512,9 @@ class BayesSteerer:
         mu = state.mean if state.mean.size else m0
         w = m0 + cfg.prior_std * rng.standard_normal(m0.shape[0])
         if state.resid.size:
-            xc = state.centred()
             eps = np.sqrt(state.noise_var) * rng.standard_normal(state.resid.size)
-            rhs = state.resid - xc @ w.astype(np.float32) - eps
-            w = w + cfg.prior_std**2 * (xc.T @ state.solve(rhs).astype(np.float32))
+            rhs = state.resid - state.times(w) - eps
+            w = w + cfg.prior_std**2 * state.transposed_times(state.solve(rhs))
         return (mu + cfg.explore_temperature * (w - mu)).astype(np.float32)
 
     def explore_scores(

@@ -12,6 +12,7 @@ from recommender.explore import ExploreConfig, make_page
 from recommender.feedback import (
     STRATEGIES,
     BayesConfig,
+    BayesState,
     BayesSteerer,
     DwellConfig,
     NoSteerer,
@@ -219,6 +220,45 @@ def test_default_strategy_learns_the_liked_direction_and_samples_deterministical
     assert a is not None and b is not None and c is not None
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def _primal_posterior(state: BayesState, cfg: BayesConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The default strategy's posterior mean and covariance from its history, in primal form
+    (d x d), with the history's rows and scores as the docstring defines them."""
+    x = np.stack(list(state.items)).astype(np.float64)
+    s = np.fromiter(state.scores, dtype=np.float64)
+    rho = cfg.decay ** np.arange(len(s) - 1, -1, -1)
+    xc = x - rho @ x / rho.sum()
+    xc /= math.sqrt(rho @ np.sum(xc * xc, axis=1) / rho.sum())
+    resid = s - rho @ s / rho.sum()
+    m0 = cfg.prior_mean * state.q0.astype(np.float64)
+    weights = rho / cfg.noise_std**2  # inverse noise variances
+    precision = np.eye(x.shape[1]) / cfg.prior_std**2 + xc.T @ (xc * weights[:, None])
+    cov = np.linalg.inv(precision)
+    return cov @ (m0 / cfg.prior_std**2 + xc.T @ (resid * weights)), cov
+
+
+def test_default_strategy_posterior_equals_the_primal_form_as_its_history_rolls() -> None:
+    """The update keeps its history's Gram matrix from call to call (adding a batch's rows,
+    dropping those past ``history``); its posterior must equal the textbook one computed from
+    scratch, through batches that roll the history and one longer than it."""
+    rng = np.random.default_rng(11)
+    d = 6
+    cfg = BayesConfig(history=12)
+    steerer = BayesSteerer(cfg)
+    q0 = as_rows(rng.standard_normal(d))[0]
+    state = steerer.init_state(q0)
+    for size in (5, 5, 5, 1, 20, 7, 3):
+        x = as_rows(q0 + 0.7 * rng.standard_normal((size, d)))
+        steerer.update(state, x, rng.standard_normal(size))
+        mean, _ = _primal_posterior(state, cfg)
+        np.testing.assert_allclose(state.mean, mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(state.query, mean / np.linalg.norm(mean), atol=1e-5)
+    # Thompson samples are draws from that posterior: their mean and spread match it.
+    mean, cov = _primal_posterior(state, cfg)
+    draws = np.stack([steerer.sample_preference(state, rng) for _ in range(4000)])
+    np.testing.assert_allclose(draws.mean(axis=0), mean, atol=0.05)
+    np.testing.assert_allclose(np.cov(draws.T), cov, atol=0.05)
 
 
 # --------------------------------------------------------------------------- simulation
