@@ -709,13 +709,16 @@ class Engine:
         # The vocabulary weighs tags and prompt terms apart: summaries, which the page just
         # served and so are cached (full rows would be read anew).
         by_key = {item.key: item for item in self.catalog.item_summaries(known_keys)}
+        read: dict[str, NDArray[np.float32]] = {}
         for space, state in session.steering.items():
             if space == TERM_SPACE:
-                vectors = term_matrix(self.catalog.term_runs(known_keys))
+                read[space] = term_matrix(self.catalog.term_runs(known_keys))
             else:
-                vectors = self.catalog.vectors(space, known_keys)
-            session.query[space] = self.steerer.update(state, vectors, known_scores)
-        self._learn_vocabulary(session, known_keys, known_scores, by_key)
+                read[space] = self.catalog.vectors(space, known_keys)
+            session.query[space] = self.steerer.update(state, read[space], known_scores)
+        if "text" in self.spaces and "text" not in read:
+            read["text"] = self.catalog.vectors("text", known_keys)
+        self._learn_vocabulary(session, known_keys, known_scores, by_key, read.get("text"))
         session.ranking = None  # ranked for the query before
 
     def _learn_vocabulary(
@@ -724,9 +727,11 @@ class Engine:
         keys: Sequence[int],
         scores: NDArray[np.float32],
         items: Mapping[int, ItemSummary],
+        text_vecs: NDArray[np.float32] | None,
     ) -> None:
+        """Add the dwelt-on items' tags, prompt terms and prompt vectors (``text_vecs``, rows
+        in the order of ``keys``; None without a text space) to the session's vocabulary."""
         session.vocabulary.decay()
-        text_vecs = self.catalog.vectors("text", keys) if "text" in self.spaces else None
         for i, key in enumerate(keys):
             item, weight = items.get(key), float(scores[i])
             if item is None or weight <= 0:
