@@ -9,11 +9,12 @@ the event loop's thread (``routes.deps.for_session``).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -110,13 +111,19 @@ def open_engine(settings: Settings, owners: SessionOwners | None = None) -> Engi
     )
 
 
-def serve_engine(settings: Settings, engine: Engine, sock: socket.socket | None = None) -> None:
+def serve_engine(
+    settings: Settings,
+    engine: Engine,
+    sock: socket.socket | None = None,
+    on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+) -> None:
     """Serve the API over ``engine`` until told to stop, on ``settings.host``/``port`` or on
-    ``sock`` (a worker process's listening socket, see ``service/workers.py``)."""
+    ``sock`` (a worker process's listening socket, see ``service/workers.py``); ``on_loop``
+    is handed the serving event loop once it runs."""
     import uvicorn
 
     config = uvicorn.Config(
-        create_app(settings, engine),
+        create_app(settings, engine, on_loop=on_loop),
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -134,14 +141,22 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The lookalike HTTP API over ``engine``, or over an engine opened from ``settings``."""
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+) -> FastAPI:
+    """The lookalike HTTP API over ``engine``, or over an engine opened from ``settings``;
+    ``on_loop`` is handed the serving event loop at start-up."""
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = engine is None
         one_blas_thread()
+        if on_loop is not None:
+            on_loop(asyncio.get_running_loop())
         current = engine if engine is not None else await run_in_threadpool(open_engine, settings)
         app.state.engine = current
         app.state.image_slots = anyio.CapacityLimiter(settings.image_workers)

@@ -112,6 +112,49 @@ def test_a_call_for_another_workers_session_runs_in_that_worker(
             server.close()
 
 
+def test_a_forwarded_page_runs_on_the_owners_event_loop_and_feedback_on_its_own_thread(
+    catalog: Catalog, run_dir: Path
+) -> None:
+    """As the owner's routes run its own calls: a page on the serving loop's thread (no second
+    thread contending for the GIL), feedback, which waits on its commit, off it."""
+    owner, other, servers = two_workers(catalog, run_dir)
+    loop = asyncio.new_event_loop()
+    looping = threading.Thread(target=loop.run_forever, daemon=True)
+    looping.start()
+    ran_on: dict[str, int] = {}
+
+    def recorded(name: str) -> Any:
+        method = getattr(owner, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            ran_on[name] = threading.get_ident()
+            return method(*args, **kwargs)
+
+        return call
+
+    owner_server = servers[0]
+    try:
+        owner_server.attach(loop)
+        session_id = owner.search(ItemQuery(next(iter(catalog.iter_items())).id)).session_id
+        owner.feed, owner.feedback = recorded("feed"), recorded("feedback")  # type: ignore[method-assign]
+        page = other.feed(session_id)
+        assert ran_on["feed"] == looping.ident
+        events = [FeedbackEvent(uuid.uuid4().hex, i.id, 2_500.0) for i in page.items]
+        assert other.feedback(session_id, events).accepted == len(events)
+        assert ran_on["feedback"] not in (looping.ident, threading.get_ident())
+        # A loop that has stopped (the worker is shutting down) no longer runs them.
+        loop.call_soon_threadsafe(loop.stop)
+        looping.join(5)
+        loop.close()
+        assert other.feed(session_id).session_id == session_id  # answered, not hung
+        assert ran_on["feed"] != looping.ident
+    finally:
+        for server in servers:
+            server.close()
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+
+
 def test_a_call_runs_on_the_event_loop_for_a_session_held_here_over_faiss_else_in_a_thread(
     catalog: Catalog,
 ) -> None:
