@@ -216,7 +216,8 @@ class PeerServer:
 
     def _run(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
         loop = self._loop
-        inline = method in ON_LOOP and self._engine.searches_in_process  # (Milvus: a wait)
+        # Over Milvus a page waits on its server's answer: that wait stays off the loop.
+        inline = method in ON_LOOP and self._engine.searches_in_process
         if loop is None or not inline or loop.is_closed():
             return self._call(method, args, kwargs)
 
