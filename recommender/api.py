@@ -74,6 +74,16 @@ class FeedbackResult:
 
 
 @dataclass(frozen=True)
+class StoredFeedback:
+    """Events ``Engine.store_feedback`` committed for a session, not yet steered with: the
+    newly stored ones, in the order sent, and how many were already known."""
+
+    session_id: str
+    events: tuple[FeedbackEvent, ...]
+    duplicates: int
+
+
+@dataclass(frozen=True)
 class SessionInfo:
     session_id: str
     user_id: str | None
@@ -103,5 +113,6 @@ __all__ = [
     "Pick",
     "Query",
     "SessionInfo",
+    "StoredFeedback",
     "TextQuery",
 ]

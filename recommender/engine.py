@@ -47,10 +47,12 @@ from recommender.api import (
     PageItem,
     Query,
     SessionInfo,
+    StoredFeedback,
 )
 from recommender.errors import (
     SessionOwnerUnavailableError,
     UnknownItemError,
+    UnknownSessionError,
     UnsupportedQueryError,
 )
 from recommender.explore import ExploreConfig, Pick, make_page
@@ -344,17 +346,33 @@ class Engine:
         if (owners := self._elsewhere(session_id)) is not None:
             result: FeedbackResult = owners.call(session_id, "feedback", session_id, events)
             return result
+        return self.steer_with(self.store_feedback(session_id, events))
+
+    def store_feedback(self, session_id: str, events: Sequence[FeedbackEvent]) -> StoredFeedback:
+        """``feedback``'s first half, for a session held here: commit the events (new event
+        ids only) and return them. It waits on the disk; ``steer_with`` does the CPU work, so
+        that a server can run each where it costs least."""
         session = self.sessions.get(session_id)
         fresh, duplicates = self.catalog.record_feedback(
             session.id,
             session.user_id,
             [(e.event_id, e.image_id, float(e.dwell_ms)) for e in events],
         )
-        with session.lock:
-            new = [events[i] for i in fresh if session.accept_event(events[i].event_id)]
-            if new:
-                self._steer(session, new)
-        return FeedbackResult(accepted=len(fresh), duplicates=duplicates)
+        return StoredFeedback(session.id, tuple(events[i] for i in fresh), duplicates)
+
+    def steer_with(self, stored: StoredFeedback) -> FeedbackResult:
+        """``feedback``'s second half: steer the session with the events just stored (each
+        event id once). A session that ended meanwhile keeps its events in the catalog."""
+        try:
+            session = self.sessions.get(stored.session_id)
+        except UnknownSessionError:
+            session = None
+        if session is not None:
+            with session.lock:
+                new = [e for e in stored.events if session.accept_event(e.event_id)]
+                if new:
+                    self._steer(session, new)
+        return FeedbackResult(accepted=len(stored.events), duplicates=stored.duplicates)
 
     def knn(
         self, query: Query | NDArray[np.float32], *, k: int, space: str | None = None

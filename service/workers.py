@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
@@ -56,9 +56,9 @@ FORWARDED = frozenset(
     {"create_session", "search", "feed", "feedback", "session_info", "mute", "delete_session"}
 )
 # Those of them that the routes run on the event loop's thread for a session held here (short
-# CPU work, see ``for_session``); the others wait on disk (feedback's commit) or encode images
-# (search), so they stay on the thread their connection arrived on, as they run in the
-# thread pool here.
+# CPU work, see ``for_session``). Feedback is split as its route splits it (the commit on the
+# thread its connection arrived on, the steering on the loop); search, which encodes images,
+# stays on that thread, as it runs in the thread pool here.
 ON_LOOP = frozenset({"feed", "session_info", "mute", "delete_session"})
 STOP_GRACE_S = 30.0
 # How long a forwarded call may wait for this worker's event loop to run it.
@@ -162,11 +162,11 @@ class PeerOwners:
 class PeerServer:
     """Answers the forwarded calls of the other workers with this worker's engine.
 
-    A connection's calls arrive on a thread of their own. Those in ``ON_LOOP`` run on the
-    serving event loop's thread once ``attach`` gave it one, as ``for_session`` runs this
-    worker's own: two threads running engine code contend for the GIL, which made a forwarded
-    page cost more CPU than one served where it arrived (2 workers at 1M: 7.8-8.2 against
-    6.2-7.4 ms a request, 223-234 against 254-308 pages a second).
+    A connection's calls arrive on a thread of their own. Those in ``ON_LOOP``, and the
+    steering half of feedback, run on the serving event loop's thread once ``attach`` gave it
+    one, as the routes run this worker's own: two threads running engine code contend for the
+    GIL, which made a forwarded page cost more CPU than one served where it arrived (2 workers
+    at 1M: 7.8-8.2 against 6.2-7.4 ms a request, 223-234 against 254-308 pages a second).
     """
 
     def __init__(self, shard: Shard, engine: Engine, owners: PeerOwners) -> None:
@@ -215,33 +215,50 @@ class PeerServer:
                     conn.send((False, failure))
 
     def _run(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
+        if method not in FORWARDED:
+            return False, SessionOwnerUnavailableError(f"{method!r} is not forwarded")
+        engine = self._engine
         loop = self._loop
         # Over Milvus a page waits on its server's answer: that wait stays off the loop.
-        inline = method in ON_LOOP and self._engine.searches_in_process
-        if loop is None or not inline or loop.is_closed():
-            return self._call(method, args, kwargs)
+        if loop is None or loop.is_closed() or not engine.searches_in_process:
+            return self._call(getattr(engine, method), args, kwargs)
+        if method == "feedback":  # as the route does: the commit here, the steering there
+            ok, stored = self._call(engine.store_feedback, args, kwargs)
+            return self._on_loop(loop, engine.steer_with, (stored,)) if ok else (ok, stored)
+        if method in ON_LOOP:
+            return self._on_loop(loop, getattr(engine, method), args, kwargs)
+        return self._call(getattr(engine, method), args, kwargs)
+
+    def _on_loop(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None = None,
+    ) -> tuple[bool, Any]:
+        """``_call`` on the event loop's thread, waiting for it here."""
 
         async def on_loop() -> tuple[bool, Any]:
-            return self._call(method, args, kwargs)
+            return self._call(func, args, kwargs or {})
 
         call = on_loop()
         try:
             future = asyncio.run_coroutine_threadsafe(call, loop)
         except RuntimeError as exc:  # the loop closed meanwhile: this worker is stopping
             call.close()
-            return False, SessionOwnerUnavailableError(f"{method} was not run: {exc}")
+            return False, SessionOwnerUnavailableError(f"{func.__name__} was not run: {exc}")
         try:
             return future.result(PEER_CALL_TIMEOUT_S)
         except (TimeoutError, concurrent.futures.CancelledError) as exc:
             future.cancel()  # the loop stopped, or is stuck: the caller gets a 503
-            return False, SessionOwnerUnavailableError(f"{method} was not run: {exc!r}")
+            return False, SessionOwnerUnavailableError(f"{func.__name__} was not run: {exc!r}")
 
-    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
-        if method not in FORWARDED:
-            return False, SessionOwnerUnavailableError(f"{method!r} is not forwarded")
+    def _call(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[bool, Any]:
         try:
             with self._owners.answering_a_peer():
-                return True, getattr(self._engine, method)(*args, **kwargs)
+                return True, func(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the caller raises it, as if it ran there
             return False, exc
 

@@ -309,6 +309,35 @@ def test_feedback_is_idempotent_by_event_id(catalog: Catalog, ids: list[str]) ->
         np.testing.assert_array_equal(q, engine.sessions.get(page.session_id).query[space])
 
 
+def test_feedback_in_two_halves_commits_then_steers(catalog: Catalog, ids: list[str]) -> None:
+    """The service commits in a thread and steers on its event loop: the first half stores the
+    events without steering, the second steers with them once; a session that ended between
+    the two keeps its events."""
+    engine = make_engine(catalog)
+    page = engine.search(ItemQuery(ids[3]))
+    batch = events(page, [500.0 + 2_000.0 * (i % 3) for i in range(len(page.items))])
+    session = engine.sessions.get(page.session_id)
+    before = {space: q.copy() for space, q in session.query.items()}
+    stored = engine.store_feedback(page.session_id, batch)
+    assert (len(stored.events), stored.duplicates) == (20, 0)
+    rows = [r for r in catalog.feedback_rows() if r[0] == page.session_id]
+    assert len(rows) == 20
+    for space, q in session.query.items():  # committed, not yet steered
+        np.testing.assert_array_equal(q, before[space])
+    result = engine.steer_with(stored)
+    assert (result.accepted, result.duplicates) == (20, 0)
+    assert any(not np.allclose(session.query[s], before[s]) for s in before)
+    steered = {space: q.copy() for space, q in session.query.items()}
+    engine.steer_with(stored)  # the same events again: each steers once
+    for space, q in session.query.items():
+        np.testing.assert_array_equal(q, steered[space])
+    assert engine.store_feedback(page.session_id, batch).events == ()  # known event ids
+    later = engine.store_feedback(page.session_id, events(page)[:3])
+    engine.delete_session(page.session_id)
+    assert engine.steer_with(later).accepted == 3
+    assert len([r for r in catalog.feedback_rows() if r[0] == page.session_id]) == 23
+
+
 def test_mute_removes_a_term_from_the_session_terms(catalog: Catalog, ids: list[str]) -> None:
     engine = make_engine(catalog)
     page = engine.search(ItemQuery(ids[3]))

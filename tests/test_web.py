@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from indexer.sample_dump import render_image
-from recommender.api import FeedbackResult
+from recommender.api import FeedbackResult, StoredFeedback
 from service.app import create_app
 from service.settings import Settings
 from tests.test_api import build_tiny_catalog
@@ -63,14 +63,14 @@ class LiveServer:
 
     def record_answers(self) -> None:
         engine = self.app.state.engine
-        feedback = engine.feedback
+        steer_with = engine.steer_with  # feedback's last step, whichever way the route took
 
-        def recorded(session_id: str, *args: Any, **kwargs: Any) -> FeedbackResult:
-            result: FeedbackResult = feedback(session_id, *args, **kwargs)
-            self.answers.append((session_id, result))
+        def recorded(stored: StoredFeedback) -> FeedbackResult:
+            result: FeedbackResult = steer_with(stored)
+            self.answers.append((stored.session_id, result))
             return result
 
-        engine.feedback = recorded
+        engine.steer_with = recorded
 
 
 @pytest.fixture(scope="module")

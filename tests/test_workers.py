@@ -29,6 +29,8 @@ from recommender.api import FeedbackEvent, ItemQuery
 from recommender.engine import Engine
 from recommender.errors import SessionOwnerUnavailableError, UnknownSessionError
 from service.routes.deps import for_session
+from service.routes.feedback import feedback as feedback_route
+from service.schemas import EventIn, FeedbackIn
 from service.workers import PeerOwners, PeerServer, Shard, listening_sockets
 from tests.cli_helpers import serving, writable_copy
 
@@ -112,11 +114,12 @@ def test_a_call_for_another_workers_session_runs_in_that_worker(
             server.close()
 
 
-def test_a_forwarded_page_runs_on_the_owners_event_loop_and_feedback_on_its_own_thread(
+def test_forwarded_pages_and_steering_run_on_the_owners_event_loop_commits_off_it(
     catalog: Catalog, run_dir: Path
 ) -> None:
-    """As the owner's routes run its own calls: a page on the serving loop's thread (no second
-    thread contending for the GIL), feedback, which waits on its commit, off it."""
+    """As the owner's routes run its own calls: a page and feedback's steering on the serving
+    loop's thread (no second thread contending for the GIL), feedback's commit, which waits on
+    the disk, off it."""
     owner, other, servers = two_workers(catalog, run_dir)
     loop = asyncio.new_event_loop()
     looping = threading.Thread(target=loop.run_forever, daemon=True)
@@ -132,16 +135,18 @@ def test_a_forwarded_page_runs_on_the_owners_event_loop_and_feedback_on_its_own_
 
         return call
 
-    owner_server = servers[0]
     try:
-        owner_server.attach(loop)
+        servers[0].attach(loop)
         session_id = owner.search(ItemQuery(next(iter(catalog.iter_items())).id)).session_id
-        owner.feed, owner.feedback = recorded("feed"), recorded("feedback")  # type: ignore[method-assign]
+        for name in ("feed", "store_feedback", "steer_with"):
+            setattr(owner, name, recorded(name))
         page = other.feed(session_id)
         assert ran_on["feed"] == looping.ident
         events = [FeedbackEvent(uuid.uuid4().hex, i.id, 2_500.0) for i in page.items]
         assert other.feedback(session_id, events).accepted == len(events)
-        assert ran_on["feedback"] not in (looping.ident, threading.get_ident())
+        assert ran_on["steer_with"] == looping.ident
+        assert ran_on["store_feedback"] not in (looping.ident, threading.get_ident())
+        assert other.session_info(session_id).feedback_events == len(events)
         # A loop that has stopped (the worker is shutting down) no longer runs them.
         loop.call_soon_threadsafe(loop.stop)
         looping.join(5)
@@ -174,6 +179,33 @@ def test_a_call_runs_on_the_event_loop_for_a_session_held_here_over_faiss_else_i
     assert not asyncio.run(on_loop_thread("held-elsewhere"))  # waits on a peer: pool thread
     catalog.store = dataclasses.replace(catalog.store, kind="milvus")  # searches over a socket
     assert not asyncio.run(on_loop_thread("held-here"))
+
+
+def test_the_feedback_route_commits_in_a_thread_and_steers_on_the_event_loop(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(catalog, {}, seed=0)
+    page = engine.search(ItemQuery(next(iter(catalog.iter_items())).id))
+    ran_on: dict[str, int] = {}
+    for name in ("store_feedback", "steer_with"):
+        method = getattr(engine, name)
+
+        def call(*args: Any, _name: str = name, _method: Any = method) -> Any:
+            ran_on[_name] = threading.get_ident()
+            return _method(*args)
+
+        monkeypatch.setattr(engine, name, call)
+    shown = [EventIn(event_id=uuid.uuid4().hex, image_id=i.id, dwell_ms=900.0) for i in page.items]
+    body = FeedbackIn(session_id=page.session_id, events=shown)
+
+    async def post() -> int:
+        answer = await feedback_route(engine, body)
+        assert answer.accepted == len(page.items)
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(post())
+    assert ran_on["steer_with"] == loop_thread
+    assert ran_on["store_feedback"] != loop_thread
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balancing is Linux's")

@@ -63,9 +63,15 @@ async def for_session(engine: Engine, session_id: str, func: Callable[..., T], *
     quarter more CPU per feed page (benchmarks/service.py). In the thread pool otherwise: a
     session another worker holds is waited on over a socket, and so is a Milvus search.
     """
-    if engine.holds_session(session_id) and engine.searches_in_process:
+    if runs_on_loop(engine, session_id):
         return func(*args)
     return await run_in_threadpool(func, *args)
+
+
+def runs_on_loop(engine: Engine, session_id: str) -> bool:
+    """Whether this session's engine calls run on the event loop's thread (``for_session``):
+    it is held here and searched over in-process indexes."""
+    return engine.holds_session(session_id) and engine.searches_in_process
 
 
 async def in_image_slot(request: Request, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
