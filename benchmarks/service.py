@@ -15,7 +15,10 @@ same run:
   arrivals, latency from the scheduled send time, so queueing is counted) give p50 / p99
   latency; ``/healthz`` under the same open loop is the baseline for what the framework alone
   costs. Each open loop after the first waits until the server has drained the last one;
-* the closed loop and the 70 % loop again against ``serve --workers N`` (``--workers``).
+* the closed loop and the 70 % loop again against ``serve --workers N`` (``--workers``);
+* with each server, a closed loop of the web page's traffic: every client fetches a page, then
+  posts the page's dwell times (``/v1/feedback``), so every page is steered; pairs/s and the
+  server's CPU per pair, against the scroll's CPU per page in the same run.
 
     python benchmarks/service.py                      # 100k and 1M items
     python benchmarks/service.py --items 20000 --duration 5     # CI-sized
@@ -482,6 +485,47 @@ async def closed_loop(port: int, sessions: list[str], clients: int, seconds: flo
     return result
 
 
+async def feedback_loop(
+    port: int, sessions: list[str], clients: int, seconds: float, seed: int
+) -> LoadResult:
+    """``clients`` clients, each on its own sessions, fetching a page and posting its dwell
+    times (log-normal, median 1.5 s) back to back for ``seconds``, as the web page does;
+    a request is one page with its feedback, and its latency both calls'."""
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(mine: list[str], rng: np.random.Generator) -> None:
+        nonlocal errors
+        conn = await Connection.open(port)
+        n = 0
+        while time.perf_counter() < deadline:
+            session_id = mine[n % len(mine)]
+            n += 1
+            started = time.perf_counter()
+            status, body = await conn.request("GET", f"/v1/feed?session_id={session_id}")
+            items = json.loads(body)["items"] if status == 200 else []
+            dwell = np.exp(rng.normal(math.log(1500), 0.8, size=len(items)))
+            events = [
+                {"event_id": os.urandom(12).hex(), "image_id": item["id"], "dwell_ms": float(ms)}
+                for item, ms in zip(items, dwell, strict=True)
+            ]
+            stored = 202
+            if events:
+                answer = json.dumps({"session_id": session_id, "events": events}).encode()
+                stored = (await conn.request("POST", "/v1/feedback", answer))[0]
+            latencies.append(time.perf_counter() - started)
+            errors += status != 200 or stored != 202
+        conn.close()
+
+    rngs = np.random.default_rng([seed, 6]).spawn(clients)
+    started, ticks = time.perf_counter(), cpu_times()
+    await asyncio.gather(*(client(sessions[i::clients], rngs[i]) for i in range(clients)))
+    result = _load_result(latencies, errors, time.perf_counter() - started)
+    result.steal = steal_since(ticks)
+    return result
+
+
 async def open_loop(
     port: int, paths: list[str], rate: float, seconds: float, seed: int
 ) -> LoadResult:
@@ -619,6 +663,9 @@ class SizeResult:
     workers_at_70pct: LoadResult | None = None
     # ... and at ``--rate`` (the issue's target: 200 requests/s with p99 <= 30 ms).
     workers_at_rate: LoadResult | None = None
+    # The web page's traffic (a page, then its dwell times) with one process and with N.
+    with_feedback: LoadResult | None = None
+    workers_with_feedback: LoadResult | None = None
 
 
 def run_size(items: int, args: argparse.Namespace) -> SizeResult:
@@ -642,15 +689,18 @@ def run_size(items: int, args: argparse.Namespace) -> SizeResult:
         health = asyncio.run(
             open_loop(port, ["/healthz"] * 64, args.rate, min(5.0, args.duration), args.seed)
         )
+        with_feedback = saturate_with_feedback(server, port, items, args)
     finally:
         server.terminate()
         server.wait(timeout=30)
     result = SizeResult(items, build_s, recall, engine, saturated, at_rate, at_70pct, health)
+    result.with_feedback = with_feedback
     if args.workers > 1:
         (
             result.workers_max_throughput,
             result.workers_at_70pct,
             result.workers_at_rate,
+            result.workers_with_feedback,
         ) = measure_workers(items, path, args)
     return result
 
@@ -667,11 +717,26 @@ def saturate(
     return result
 
 
+def saturate_with_feedback(
+    server: subprocess.Popen[bytes], port: int, items: int, args: argparse.Namespace
+) -> LoadResult:
+    """The web page's closed loop (``feedback_loop``) on new sessions, after a short
+    warm-up, with the server's CPU per page and its feedback."""
+    sessions = asyncio.run(create_sessions(port, args.sessions, items, args.seed + 1))
+    asyncio.run(feedback_loop(port, sessions, args.concurrency, 2.0, args.seed))
+    before = server_cpu_s(server.pid)
+    result = asyncio.run(
+        feedback_loop(port, sessions, args.concurrency, args.duration, args.seed + 1)
+    )
+    result.server_cpu_ms = (server_cpu_s(server.pid) - before) * 1000 / max(result.requests, 1)
+    return result
+
+
 def measure_workers(
     items: int, path: Path, args: argparse.Namespace
-) -> tuple[LoadResult, LoadResult, LoadResult]:
+) -> tuple[LoadResult, LoadResult, LoadResult, LoadResult]:
     """Max requests/s of the closed loop, and latency at 70 % of it and at ``args.rate``,
-    with ``args.workers`` serving processes."""
+    with ``args.workers`` serving processes; then the web page's closed loop."""
     port = free_port()
     server = start_server(path, port, args.workers)
     try:
@@ -682,10 +747,12 @@ def measure_workers(
         at_70pct = asyncio.run(open_loop(port, feed_paths, carried, args.duration, args.seed))
         wait_until_idle(server)
         at_rate = asyncio.run(open_loop(port, feed_paths, args.rate, args.duration, args.seed))
+        wait_until_idle(server)
+        with_feedback = saturate_with_feedback(server, port, items, args)
     finally:
         server.terminate()
         server.wait(timeout=60)
-    return saturated, at_70pct, at_rate
+    return saturated, at_70pct, at_rate, with_feedback
 
 
 def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
@@ -704,10 +771,12 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
         (f"p50/p99 @{args.rate:g}/s", 19),
         ("p50/p99 @70% max", 18),
         ("healthz p99", 11),
+        ("page+feedback/s (steal) CPU", 27),
         ("errors", 6),
         (f"{args.workers} workers: max req/s (steal) CPU/req", 36),
         ("p50/p99 @70% max", 16),
         (f"p50/p99 @{args.rate:g}/s", 16),
+        ("page+feedback/s (steal) CPU", 27),
     )
     header = " ".join(f"{name:>{width}}" for name, width in columns)
     print(header)
@@ -730,11 +799,18 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
             f"{r.feed_at_rate.p50_ms:.0f} / {r.feed_at_rate.p99_ms:.0f}",
             f"{r.feed_at_70pct.p50_ms:.0f} / {r.feed_at_70pct.p99_ms:.0f}",
             f"{r.healthz_at_rate.p99_ms:.1f}",
+            _throughput(r.with_feedback) if r.with_feedback else "-",
             r.max_throughput.errors
             + r.feed_at_70pct.errors
             + sum(
                 w.errors
-                for w in (r.workers_max_throughput, r.workers_at_70pct, r.workers_at_rate)
+                for w in (
+                    r.with_feedback,
+                    r.workers_max_throughput,
+                    r.workers_at_70pct,
+                    r.workers_at_rate,
+                    r.workers_with_feedback,
+                )
                 if w
             ),
             _throughput(r.workers_max_throughput) if r.workers_max_throughput else "-",
@@ -744,6 +820,7 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
             f"{r.workers_at_rate.p50_ms:.0f} / {r.workers_at_rate.p99_ms:.0f}"
             if r.workers_at_rate
             else "-",
+            _throughput(r.workers_with_feedback) if r.workers_with_feedback else "-",
         )
         print(
             " ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, columns, strict=True))
@@ -758,6 +835,8 @@ def print_table(results: list[SizeResult], args: argparse.Namespace) -> None:
         "ref ms: CPU of a fixed reference workload between engine calls (the box's speed); "
         "open loops with Poisson arrivals (a queued request's wait counts); errors: non-200 "
         "answers in the closed loops, the 70% loops and the workers' loop at the rate; "
+        "page+feedback: closed loop of the web page's traffic, a page then its dwell times, "
+        "pairs/s and the server's CPU per pair; "
         "N workers: the same scroll served by `serve --workers N`; "
         f"{_loadavg()}"
     )

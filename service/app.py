@@ -3,8 +3,9 @@
 Middlewares, outermost first: metrics and access log, CORS (only when origins are configured),
 per-client rate limit, request-body limit. The engine is opened in the ``lifespan`` (unless one
 is given, which the caller then owns). Blocking engine calls run in the thread pool, except the
-short ones for a session this process holds (feed, session info, mute, delete): those run on
-the event loop's thread (``routes.deps.for_session``).
+short ones for a session this process holds (feed, session info, mute, delete, and feedback's
+steering once its commit is done): those run on the event loop's thread
+(``routes.deps.for_session``, ``routes.feedback``).
 """
 
 from __future__ import annotations
