@@ -482,6 +482,17 @@ class Catalog:
             rows = self._read("SELECT of_key FROM duplicates WHERE id = ?", (item_id,))
         return int(rows[0][0]) if rows else None
 
+    def keys_for_ids(self, item_ids: Sequence[str]) -> list[int | None]:
+        """``key_for_id`` of each id, in order, in a query a batch (another for the ids that
+        are not stored items: duplicate aliases, or unknown)."""
+        found: dict[str, int] = {}
+        for table, column in (("items", "key"), ("duplicates", "of_key")):
+            wanted = [i for i in dict.fromkeys(item_ids) if i not in found]
+            for chunk, marks in _in_batches(wanted):
+                sql = f"SELECT id, {column} FROM {table} WHERE id IN ({marks})"
+                found.update((i, int(k)) for i, k in self._read(sql, chunk))
+        return [found.get(i) for i in item_ids]
+
     # -- writes ---------------------------------------------------------------------------
     def add(self, items: Sequence[NewItem], vectors: Mapping[str, NDArray[np.float32]]) -> Keys:
         """Add (or replace, by id) items with their vectors for every space, in one transaction.

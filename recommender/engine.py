@@ -707,7 +707,7 @@ class Engine:
     def _steer(self, session: Session, events: Sequence[FeedbackEvent]) -> None:
         order = {image_id: i for i, (image_id, *_) in enumerate(session.served)}
         events = sorted(events, key=lambda e: order.get(e.image_id, len(order)))
-        keys = [self.catalog.key_for_id(e.image_id) for e in events]
+        keys = self.catalog.keys_for_ids([e.image_id for e in events])
         known = [(e, k) for e, k in zip(events, keys, strict=True) if k is not None]
         scores = score_dwell(
             session.dwell, [e.dwell_ms for e in events], self.config.steering.dwell

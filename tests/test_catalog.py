@@ -469,6 +469,19 @@ def test_add_of_an_id_given_twice_keeps_its_last_version(tmp_path: Path) -> None
     assert state is not None and state.kind == "item"
 
 
+def test_keys_for_ids_answers_many_ids_as_key_for_id_does_one(catalog: Catalog) -> None:
+    """Items, a duplicate alias, unknown ids and repeats, in order; more than a batch."""
+    of_key = catalog.key_for_id("2")
+    assert of_key is not None
+    catalog.add_duplicate("alias-of-2", of_key, "/dump/alias-of-2.png", 5, 6)
+    ids = ["alias-of-2", "nope", *[str(i) for i in range(40)], "3", "alias-of-2"]
+    ids += [f"unknown-{i}" for i in range(600)]
+    keys = catalog.keys_for_ids(ids)
+    assert keys == [catalog.key_for_id(i) for i in ids]
+    assert keys[0] == keys[-601] == of_key and keys[1] is None
+    assert catalog.keys_for_ids([]) == []
+
+
 def test_file_states_answers_many_files_as_file_state_does_one(catalog: Catalog) -> None:
     """An item's file, an alias's file, a skipped file, an unknown one; more than a chunk."""
     of_key = catalog.key_for_id("1")
