@@ -7,10 +7,9 @@ catalog's distinct terms (its vocabulary, stored once as UTF-8) and holds each k
 term numbers; it is memory-mapped, so the worker processes of one server share its pages.
 Reading gathers the numbers with numpy (``runs``), so that re-ranking can do its per-term work
 once per distinct number; names are decoded once per process and shared. Writes go to a dict
-of changed keys; ``save`` folds them into a new file,
-stamped with the catalog generation (and ``PROMPT_TERMS_VERSION``) that it reflects, like the
-FAISS snapshots: a file with another stamp is stale, and the catalog rebuilds the column from
-SQLite.
+of changed keys; ``save`` folds them into a new file, stamped with the catalog generation (and
+``PROMPT_TERMS_VERSION``) that it reflects, like the FAISS snapshots: a file with another
+stamp is stale, and the catalog rebuilds the column from SQLite.
 """
 
 from __future__ import annotations
