@@ -288,8 +288,10 @@ def test_score_command_writes_scores_and_a_summary(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     pairs, items = write_pairs(clip_cat, tmp_path / "set")
+    # fp32 like the engine it is compared with: ``auto`` takes bf16 on a CPU with AMX
+    catalog = str(clip_cat.catalog.path)
     code = run_cli(
-        monkeypatch, "score", str(pairs), "--catalog", str(clip_cat.catalog.path), "--json"
+        monkeypatch, "score", str(pairs), "--catalog", catalog, "--dtype", "fp32", "--json"
     )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
