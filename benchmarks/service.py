@@ -526,6 +526,29 @@ async def feedback_loop(
     return result
 
 
+class _IdlePaths:
+    """The paths no request is using now. ``take`` waits for one and hands out one at random:
+    taken in turn, sessions that started together stay in step, so every session's search
+    page (one page in three) falls in the same rounds, and those rounds come at 200/s faster
+    than one process serves search pages (1M items: p99 34-40 ms in turn, 18-23 ms at random).
+    People scrolling do not keep in step."""
+
+    def __init__(self, paths: list[str], rng: np.random.Generator) -> None:
+        self._paths = list(paths)
+        self._rng = rng
+        self._ready = asyncio.Semaphore(len(paths))
+
+    async def take(self) -> str:
+        await self._ready.acquire()
+        i = int(self._rng.integers(len(self._paths)))
+        self._paths[i], self._paths[-1] = self._paths[-1], self._paths[i]
+        return self._paths.pop()
+
+    def put_back(self, path: str) -> None:
+        self._paths.append(path)
+        self._ready.release()
+
+
 async def open_loop(
     port: int, paths: list[str], rate: float, seconds: float, seed: int
 ) -> LoadResult:
@@ -536,16 +559,14 @@ async def open_loop(
     rng = np.random.default_rng([seed, 5])
     arrivals = np.cumsum(rng.exponential(1 / rate, size=int(rate * seconds * 1.5) + 10))
     arrivals = arrivals[arrivals < seconds]
-    idle: asyncio.Queue[str] = asyncio.Queue()
-    for path in paths:
-        idle.put_nowait(path)
+    idle = _IdlePaths(paths, rng)
     pool: list[Connection] = [await Connection.open(port) for _ in range(32)]
     latencies: list[float] = []
     errors = 0
 
     async def one(scheduled: float) -> None:
         nonlocal errors
-        path = await idle.get()
+        path = await idle.take()
         conn = pool.pop() if pool else await Connection.open(port)
         status = 0
         for _attempt in range(2):  # the server closes keep-alive connections idle for 5 s
@@ -558,7 +579,7 @@ async def open_loop(
         latencies.append(time.perf_counter() - scheduled)
         errors += status != 200
         pool.append(conn)
-        idle.put_nowait(path)
+        idle.put_back(path)
 
     t0 = time.perf_counter()
     tasks: dict[asyncio.Task[None], float] = {}
