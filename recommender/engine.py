@@ -35,7 +35,7 @@ from indexer.catalog import (
 from indexer.encoders.base import Encoder
 from indexer.images import ImageLimits, decode_image, read_embedded_metadata
 from indexer.term_column import TermRuns
-from indexer.vector_index import IndexPolicy, as_keys
+from indexer.vector_index import IndexPolicy
 from indexer.vector_store import StoreConfig
 from recommender.api import (
     FeedbackEvent,
@@ -584,8 +584,7 @@ class Engine:
         merged, and the ``k`` of them that match it best over all those spaces (re-ranking
         costs grow with the pool); best first, ``scores`` are cosines in the primary space.
         True with them when nothing beyond them qualifies (each search came back short)."""
-        # One array of the seen keys for every space's search (a long scroll has thousands).
-        seen = as_keys(session.seen_keys)
+        seen = session.seen_keys.array()
         found = [
             retrieve(
                 self.catalog, space, session.query[space], k, filters=session.filters, seen=seen

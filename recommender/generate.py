@@ -213,7 +213,7 @@ def build_request(
 def _liked_ids(session: Session, n: int) -> list[str]:
     """The ids the session dwelt on longest (positive scores, best first); failing those, the
     best top picks it was served (they are nearest to its query)."""
-    liked = sorted((e for e in session.feedback if e.score > 0), key=lambda e: -e.score)
+    liked = sorted((e for e in session.feedback_events() if e.score > 0), key=lambda e: -e.score)
     ids = list(dict.fromkeys(e.image_id for e in liked))
     if not ids:
         served = session.served_items()

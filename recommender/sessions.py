@@ -7,13 +7,14 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from indexer.arrays import grown
 from recommender.errors import UnknownSessionError
 from recommender.explore import PickKind
 from recommender.feedback import DwellConfig, DwellStats, SteeringState, new_dwell_stats
@@ -66,8 +67,7 @@ class Served(NamedTuple):
     at: float
 
 
-@dataclass(frozen=True)
-class FeedbackEvent:
+class FeedbackEvent(NamedTuple):
     """One accepted feedback event: raw dwell (ms), its normalised score, when it arrived."""
 
     event_id: str
@@ -75,6 +75,42 @@ class FeedbackEvent:
     dwell_ms: float
     score: float
     at: float
+
+
+class KeySet:
+    """The catalog keys a session has been shown, in a growable int64 array (a key added twice
+    is held twice: harmless to the questions asked of it).
+
+    A Python set of ints costs the cycle collector a visit per key at each full collection,
+    a pause for every request meanwhile: 128 sessions that had scrolled 2,000 items each took
+    13 ms more a collection as sets (benchmarks/RESULTS.md, "Service")."""
+
+    def __init__(self) -> None:
+        self._keys = np.zeros(0, dtype=np.int64)
+        self._count = 0
+
+    def add(self, key: int) -> None:
+        self.update((key,))
+
+    def update(self, keys: Iterable[int]) -> None:
+        new = np.fromiter(keys, dtype=np.int64)
+        end = self._count + len(new)
+        self._keys = grown(self._keys, end, fill=-1, spare=1.0)
+        self._keys[self._count : end] = new
+        self._count = end
+
+    def array(self) -> NDArray[np.int64]:
+        """The keys, read-only (a view: later additions do not show in it)."""
+        view = self._keys[: self._count]
+        view.flags.writeable = False
+        return view
+
+    def contains(self, keys: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """Which of ``keys`` are in the set."""
+        return np.isin(keys, self.array())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, int | np.integer) and bool(np.any(self.array() == key))
 
 
 @dataclass(frozen=True)
@@ -101,9 +137,9 @@ class Ranking:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def unseen(self, seen: Collection[int]) -> Ranking:
+    def unseen(self, seen: KeySet) -> Ranking:
         """The candidates not in ``seen``, in the same order."""
-        keep = np.fromiter((key not in seen for key in self.keys.tolist()), bool, len(self.keys))
+        keep = ~seen.contains(self.keys)
         if keep.all():
             return self
         return Ranking(
@@ -137,7 +173,8 @@ class Session:
     # scanning a tuple of strings and numbers, and sessions keep thousands of these; a full
     # collection that scanned them all would stall every request for a second or more.
     served: deque[tuple[str, str, float, float]]
-    feedback: deque[FeedbackEvent]
+    # Feedback events as plain tuples (``FeedbackEvent`` fields), for the same reason.
+    feedback: deque[tuple[str, str, float, float, float]]
     max_event_ids: int = 10_000
     q0: dict[str, Vector] = field(default_factory=dict)
     query: dict[str, Vector] = field(default_factory=dict)
@@ -154,7 +191,7 @@ class Session:
     # Set by the engine when a query starts the scroll.
     filters: Filters = field(default_factory=Filters)
     primary: str = "visual"
-    seen_keys: set[int] = field(default_factory=set)
+    seen_keys: KeySet = field(default_factory=KeySet)
     # The last search's re-ranked candidates: the next pages come from them while nothing
     # that ranked them changes (the engine drops them on feedback, a mute or a new query).
     ranking: Ranking | None = None
@@ -192,8 +229,14 @@ class Session:
         return True
 
     def record_feedback(self, event: FeedbackEvent) -> None:
-        self.feedback.append(event)
+        self.feedback.append(
+            (event.event_id, event.image_id, event.dwell_ms, event.score, event.at)
+        )
         self.n_feedback += 1
+
+    def feedback_events(self) -> list[FeedbackEvent]:
+        """The feedback events kept, oldest first."""
+        return [FeedbackEvent._make(record) for record in self.feedback]
 
 
 class SessionOwners(Protocol):

@@ -6,6 +6,7 @@ import gc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ from indexer.sample_dump import write_sample_dump
 from recommender.api import FeedbackEvent, ItemQuery, Page, TextQuery
 from recommender.engine import Engine, EngineConfig
 from recommender.errors import UnknownItemError, UnknownSessionError
+from recommender.feedback import BayesConfig, DwellConfig, SteeringConfig
+from recommender.rerank import VocabularyConfig
 from recommender.retrieve import Filters
 from recommender.sessions import SessionConfig
 from tests.fakes import fake_encoders, specs
@@ -264,6 +267,53 @@ def test_served_records_and_cached_summaries_leave_the_cycle_collector(
     keys = [catalog.key_for_id(item.id) for item in page.items]
     rows = catalog._summary_cache.get(keys)  # noqa: SLF001 - what the cache holds
     assert len(rows) == 20 and not any(gc.is_tracked(row) for row in rows)
+
+
+def test_a_long_scroll_adds_nothing_per_item_for_the_cycle_collector_to_walk(
+    catalog: Catalog, ids: list[str]
+) -> None:
+    """A full collection walks every entry of every tracked container, and every request
+    waits meanwhile: what a session keeps per item shown (seen keys, served records,
+    feedback events) must be arrays or untracked tuples, or a server with many deep scrolls
+    pauses for each collection (2,000 seen keys a session held in a set: 13 ms for every
+    128 sessions). The bounded windows are shrunk here so that a per-item container stands
+    out."""
+    engine = make_engine(
+        catalog,
+        sessions=SessionConfig(
+            dwell=DwellConfig(window=8), vocabulary=VocabularyConfig(max_prompts=8, max_terms=16)
+        ),
+        steering=SteeringConfig(bayes=BayesConfig(history=8)),
+    )
+    page = engine.search(ItemQuery(ids[5]))
+    for _ in range(5):
+        engine.feedback(page.session_id, events(page))
+        page = engine.feed(page.session_id)
+    session = engine.sessions.get(page.session_id)
+    gc.collect()
+    assert session.n_served == 120 and session.n_feedback == 100
+    assert len(session.seen_keys.array()) == 121  # and the query's own item
+    assert [e.image_id for e in session.feedback_events()][-20:] == [
+        e.image_id for e in session.served_items()[-40:-20]
+    ]
+
+    def entries_walked(container: object) -> int:
+        """Entries the collector visits beyond a pointer check (an untracked tuple is one)."""
+        return sum(
+            not (type(ref) is tuple and not gc.is_tracked(ref))
+            for ref in gc.get_referents(container)
+        )
+
+    walked, todo, done = [], [session], set()
+    while todo:  # what the collector walks from the session, short of shared types and code
+        obj = todo.pop()
+        if id(obj) in done or not gc.is_tracked(obj) or isinstance(obj, type | ModuleType):
+            continue
+        done.add(id(obj))
+        walked.append(obj)
+        todo += [ref for ref in gc.get_referents(obj) if not callable(ref)]
+    largest = max(walked, key=entries_walked)
+    assert entries_walked(largest) < 40, type(largest)
 
 
 # --------------------------------------------------------------------------- determinism
