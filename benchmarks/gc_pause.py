@@ -45,22 +45,24 @@ def build_sessions(count: int, shown: int, seed: int) -> SessionStore:
     store = SessionStore(SessionConfig(max_sessions=count, max_feedback=shown, max_served=shown))
     for _ in range(count):
         session = store.create()
-        keys = rng.integers(1_000_000, size=shown)
-        ids = [f"b{key}" for key in keys.tolist()]
-        session.record_served(Served(i, "top", 1.0, 0.0) for i in ids)
-        session.seen_keys.update(keys.tolist())
-        for n, image_id in enumerate(ids):
-            session.record_feedback(FeedbackEvent(f"e{n}", image_id, 1500.0, 0.1, 0.0))
+        keys = rng.integers(1_000_000, size=shown).tolist()
+        session.record_served(Served(f"b{key}", key, "top", 1.0, 0.0) for key in keys)
+        session.record_feedback([FeedbackEvent(key, 1500.0, 0.1, 0.0) for key in keys])
     return store
 
 
 def to_old_layout(store: SessionStore) -> None:
-    """Keep each session's seen keys in a set and its feedback as tracked objects, as the
-    sessions did before (in place: the sessions are of no further use)."""
+    """Keep each session's records as the sessions did before (in place: the sessions are
+    of no further use)."""
     for session in store._sessions.values():  # noqa: SLF001 - a benchmark looks inside
         old: Any = session
-        old.seen_keys = set(session.seen_keys.array().tolist())
-        old.feedback = deque(TrackedEvent(*record) for record in session.feedback)
+        keys = session.served["key"].tolist()
+        old.seen_keys = set(keys)
+        old.served = deque((f"b{key}", "top", 1.0, 0.0) for key in keys)
+        old.feedback = deque(
+            TrackedEvent(f"e{n}", f"b{key}", 1500.0, 0.1, 0.0)
+            for n, key in enumerate(session.feedback["key"].tolist())
+        )
 
 
 def full_collection_ms(repeats: int = 5) -> float:
@@ -96,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"full collection, {args.sessions} sessions x {args.shown} items shown with feedback: "
         f"{show('now_ms')} (no sessions: {show('no_sessions_ms')}; the same sessions with "
-        f"their keys in sets and events as tracked objects, as kept before: "
+        f"their records kept as before (a set, tuples, objects): "
         f"{show('with_old_layout_ms')})"
     )
     if args.json:

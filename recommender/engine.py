@@ -475,8 +475,9 @@ class Engine:
         generated = self._take_generated(session, size)
         page_items = [_page_item(item, score, "top") for item, score in generated]
         now = self._clock()
-        session.record_served(Served(item.id, "top", score, now) for item, score in generated)
-        session.seen_keys.update(item.key for item, _ in generated)
+        session.record_served(
+            Served(item.id, item.key, "top", score, now) for item, score in generated
+        )
         size -= len(generated)
         if size <= 0:  # a page of new images: nothing to retrieve this time
             return Page(session.id, page_items, sparse=False, generating=session.pending_generation)
@@ -494,8 +495,9 @@ class Engine:
             if key in summaries  # else deleted meanwhile
         ]
         now = self._clock()
-        session.record_served(Served(item.id, kind, score, now) for item, score, kind in picked)
-        session.seen_keys.update(item.key for item, _, _ in picked)
+        session.record_served(
+            Served(item.id, item.key, kind, score, now) for item, score, kind in picked
+        )
         sparse = ranking.sparse
         if sparse and self.generator is not None and not session.generated_inbox:
             session.pending_generation = self.generator.request(session, self)
@@ -704,18 +706,21 @@ class Engine:
 
     # -- internals: feedback ----------------------------------------------------------------
     def _steer(self, session: Session, events: Sequence[FeedbackEvent]) -> None:
-        order = {image_id: i for i, (image_id, *_) in enumerate(session.served)}
-        events = sorted(events, key=lambda e: order.get(e.image_id, len(order)))
+        # In the order they were served (dwell statistics and histories run oldest first).
         keys = self.catalog.keys_for_ids([e.image_id for e in events])
+        order = np.argsort(_served_positions(session, keys), kind="stable").tolist()
+        events, keys = [events[i] for i in order], [keys[i] for i in order]
         known = [(e, k) for e, k in zip(events, keys, strict=True) if k is not None]
         scores = score_dwell(
             session.dwell, [e.dwell_ms for e in events], self.config.steering.dwell
         )
         now = self._clock()
-        for event, score in zip(events, scores.tolist(), strict=True):
-            session.record_feedback(
-                StoredEvent(event.event_id, event.image_id, event.dwell_ms, score, now)
-            )
+        session.record_feedback(
+            [
+                StoredEvent(-1 if key is None else key, event.dwell_ms, score, now)
+                for event, key, score in zip(events, keys, scores.tolist(), strict=True)
+            ]
+        )
         if not known:
             return
         known_scores = np.array(
@@ -757,6 +762,21 @@ class Engine:
             session.vocabulary.add(
                 prompt_vec, tags=item.tags, terms=item.prompt_terms, weight=weight
             )
+
+
+def _served_positions(session: Session, keys: Sequence[int | None]) -> NDArray[np.int64]:
+    """Where each key was last served among the session's kept records; past their end when
+    it never was (or is None: not in the catalog)."""
+    served = session.served["key"]
+    wanted = np.array([-1 if key is None else key for key in keys], dtype=np.int64)
+    positions = np.full(len(wanted), len(served), dtype=np.int64)
+    if len(served):
+        order = np.argsort(served, kind="stable")  # equal keys stay in the order served
+        ranked = served[order]
+        last = np.searchsorted(ranked, wanted, side="right") - 1  # the latest of equal keys
+        hit = (last >= 0) & (ranked[np.maximum(last, 0)] == wanted)
+        positions[hit] = order[last[hit]]
+    return positions
 
 
 class _Pool:

@@ -188,8 +188,7 @@ def build_request(
     catalog has a ``clip`` space.
     """
     terms = tuple(term for term, _ in session.vocabulary.top_terms(8))
-    liked = _liked_ids(session, config.reference_images)
-    items = [item for item in (engine.catalog.item(i) for i in liked) if item is not None]
+    items = engine.catalog.items(_liked_keys(session, config.reference_images))
     tag_counts = Counter(tag for item in items for tag in item.tags)
     tags = tuple(tag for tag, _ in tag_counts.most_common(8))
     clip = session.query.get("clip")
@@ -210,16 +209,16 @@ def build_request(
     )
 
 
-def _liked_ids(session: Session, n: int) -> list[str]:
-    """The ids the session dwelt on longest (positive scores, best first); failing those, the
-    best top picks it was served (they are nearest to its query)."""
-    liked = sorted((e for e in session.feedback_events() if e.score > 0), key=lambda e: -e.score)
-    ids = list(dict.fromkeys(e.image_id for e in liked))
-    if not ids:
-        served = session.served_items()
-        tops = sorted((s for s in served if s.pick == "top"), key=lambda s: -s.score)
-        ids = list(dict.fromkeys(s.image_id for s in tops))
-    return ids[:n]
+def _liked_keys(session: Session, n: int) -> list[int]:
+    """The keys of the items the session dwelt on longest (positive scores, best first);
+    failing those, of the best top picks it was served (they are nearest to its query)."""
+    feedback, served = session.feedback, session.served
+    liked = (feedback["score"] > 0) & (feedback["key"] >= 0)
+    keys = feedback["key"][liked][np.argsort(-feedback["score"][liked], kind="stable")]
+    if not len(keys):
+        top = ~served["explore"]
+        keys = served["key"][top][np.argsort(-served["score"][top], kind="stable")]
+    return list(dict.fromkeys(keys.tolist()))[:n]
 
 
 # -- making: images to encoded items ---------------------------------------------------------

@@ -7,12 +7,12 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from indexer.arrays import grown
 from recommender.errors import UnknownSessionError
@@ -59,22 +59,65 @@ class SessionConfig:
 
 
 class Served(NamedTuple):
-    """One item served to a session: its id, how it was picked, its fused score, when."""
+    """One item served to a session: its id and catalog key, how it was picked, its fused
+    score, when."""
 
     image_id: str
+    key: int
     pick: PickKind
     score: float
     at: float
 
 
 class FeedbackEvent(NamedTuple):
-    """One accepted feedback event: raw dwell (ms), its normalised score, when it arrived."""
+    """One accepted feedback event: the item's catalog key (-1 when the catalog does not know
+    its id), raw dwell (ms), its normalised score, when it arrived."""
 
-    event_id: str
-    image_id: str
+    key: int
     dwell_ms: float
     score: float
     at: float
+
+
+class Columns:
+    """Rows of numbers in growable numpy columns, oldest first, the newest ``limit`` kept.
+
+    Sessions keep a row per item they were served and per feedback event, thousands each. In
+    Python containers a full cycle collection walks every entry, a pause for every request
+    meanwhile (1,000 sessions shown 2,000 items each: 70 ms a collection with them as plain
+    tuples in deques; ``benchmarks/gc_pause.py``); columns are never walked."""
+
+    def __init__(self, limit: int, **dtypes: type[np.generic]) -> None:
+        self.limit = max(limit, 1)
+        self._columns = {name: np.zeros(0, dtype=dtype) for name, dtype in dtypes.items()}
+        self._end = 0  # rows written; the kept ones are the last ``len(self)`` of them
+
+    def __len__(self) -> int:
+        return min(self._end, self.limit)
+
+    def append(self, **values: ArrayLike) -> None:
+        """Add rows: one equal-length sequence per column."""
+        rows = {name: np.asarray(values[name]).reshape(-1) for name in self._columns}
+        count = len(next(iter(rows.values())))
+        room = max(2 * self.limit, 64)  # rows held at most: the window and as many again
+        if self._end + count > room:  # move the window's rows to the front, the rest go
+            keep = min(len(self), max(self.limit - count, 0))
+            for column in self._columns.values():
+                column[:keep] = column[self._end - keep : self._end]
+            self._end = keep
+        end = self._end + count
+        for name, column in self._columns.items():
+            if end > len(column):
+                size = max(end, min(2 * len(column), room))
+                column = self._columns[name] = grown(column, size, fill=0)
+            column[self._end : end] = rows[name]
+        self._end = end
+
+    def __getitem__(self, name: str) -> NDArray[Any]:
+        """A column's kept rows, oldest first, read-only."""
+        view = self._columns[name][self._end - len(self) : self._end]
+        view.flags.writeable = False
+        return view
 
 
 class KeySet:
@@ -170,12 +213,10 @@ class Session:
     last_used: float
     vocabulary: LocalVocabulary
     dwell: DwellStats
-    # Served records as plain tuples (``Served`` fields): Python's cycle collector stops
-    # scanning a tuple of strings and numbers, and sessions keep thousands of these; a full
-    # collection that scanned them all would stall every request for a second or more.
-    served: deque[tuple[str, str, float, float]]
-    # Feedback events as plain tuples (``FeedbackEvent`` fields), for the same reason.
-    feedback: deque[tuple[str, str, float, float, float]]
+    # What it was served (key, explore, score, at) and its feedback events (key, dwell_ms,
+    # score, at): the newest ``max_served`` / ``max_feedback`` rows of each.
+    served: Columns
+    feedback: Columns
     max_event_ids: int = 10_000
     q0: dict[str, Vector] = field(default_factory=dict)
     query: dict[str, Vector] = field(default_factory=dict)
@@ -211,14 +252,17 @@ class Session:
 
     def record_served(self, items: Iterable[Served]) -> None:
         """Remember served items and mark them seen."""
-        for item in items:
-            self.served.append((item.image_id, item.pick, item.score, item.at))
+        served = list(items)
+        for item in served:
             self.seen.setdefault(item.image_id, None)
-            self.n_served += 1
-
-    def served_items(self) -> list[Served]:
-        """The served records kept, oldest first."""
-        return [Served._make(record) for record in self.served]
+        self.seen_keys.update(item.key for item in served)
+        self.served.append(
+            key=[item.key for item in served],
+            explore=[item.pick == "explore" for item in served],
+            score=[item.score for item in served],
+            at=[item.at for item in served],
+        )
+        self.n_served += len(served)
 
     def accept_event(self, event_id: str) -> bool:
         """True the first time an event id is offered, False for a duplicate (idempotency)."""
@@ -229,15 +273,14 @@ class Session:
             del self.processed_events[next(iter(self.processed_events))]
         return True
 
-    def record_feedback(self, event: FeedbackEvent) -> None:
+    def record_feedback(self, events: Sequence[FeedbackEvent]) -> None:
         self.feedback.append(
-            (event.event_id, event.image_id, event.dwell_ms, event.score, event.at)
+            key=[e.key for e in events],
+            dwell_ms=[e.dwell_ms for e in events],
+            score=[e.score for e in events],
+            at=[e.at for e in events],
         )
-        self.n_feedback += 1
-
-    def feedback_events(self) -> list[FeedbackEvent]:
-        """The feedback events kept, oldest first."""
-        return [FeedbackEvent._make(record) for record in self.feedback]
+        self.n_feedback += len(events)
 
 
 class SessionOwners(Protocol):
@@ -297,8 +340,12 @@ class SessionStore:
             last_used=now,
             vocabulary=LocalVocabulary(cfg.vocabulary),
             dwell=new_dwell_stats(cfg.dwell),
-            served=deque(maxlen=cfg.max_served),
-            feedback=deque(maxlen=cfg.max_feedback),
+            served=Columns(
+                cfg.max_served, key=np.int64, explore=np.bool_, score=np.float32, at=np.float64
+            ),
+            feedback=Columns(
+                cfg.max_feedback, key=np.int64, dwell_ms=np.float32, score=np.float32, at=np.float64
+            ),
             max_event_ids=cfg.max_event_ids,
         )
         with self._lock:

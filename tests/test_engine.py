@@ -250,21 +250,21 @@ def test_a_page_reads_rows_only_for_the_items_it_shows(
         read.clear()
 
 
-def test_served_records_and_cached_summaries_leave_the_cycle_collector(
+def test_served_records_are_columns_and_cached_summaries_leave_the_cycle_collector(
     catalog: Catalog, ids: list[str]
 ) -> None:
     """Sessions keep thousands of served records and the catalog caches 100k summaries: a
-    full collection that scanned each of them stalled every request for a fifth of a
-    second at 1M items, so they are kept as plain tuples, which the collector stops
-    tracking."""
+    full collection that walked each of them stalled every request for a fifth of a second
+    at 1M items. Served records are numpy columns; summaries are plain tuples, which the
+    collector stops tracking."""
     engine = make_engine(catalog)
     page = engine.search(ItemQuery(ids[3]))
     session = engine.sessions.get(page.session_id)
     gc.collect()
-    assert len(session.served) == 20
-    assert not any(gc.is_tracked(record) for record in session.served)
-    assert [s.image_id for s in session.served_items()] == [i.id for i in page.items]
     keys = [catalog.key_for_id(item.id) for item in page.items]
+    assert session.served["key"].tolist() == keys
+    assert session.served["explore"].tolist() == [item.pick == "explore" for item in page.items]
+    assert np.allclose(session.served["score"], [item.score for item in page.items], atol=1e-5)
     rows = catalog._summary_cache.get(keys)  # noqa: SLF001 - what the cache holds
     assert len(rows) == 20 and not any(gc.is_tracked(row) for row in rows)
 
@@ -274,8 +274,8 @@ def test_a_long_scroll_adds_nothing_per_item_for_the_cycle_collector_to_walk(
 ) -> None:
     """A full collection walks every entry of every tracked container, and every request
     waits meanwhile: what a session keeps per item shown (seen keys, served records,
-    feedback events) must be arrays or untracked tuples, or a server with many deep scrolls
-    pauses for each collection (``benchmarks/gc_pause.py``: 128 sessions shown 2,000 items
+    feedback events) must be arrays, or a server with many deep scrolls pauses for each
+    collection (``benchmarks/gc_pause.py``: 128 sessions shown 2,000 items
     each, 47 ms a collection with their keys in sets and events as objects, 3.5 ms now). The
     bounded windows are shrunk here so that a per-item container stands out."""
     engine = make_engine(
@@ -293,16 +293,10 @@ def test_a_long_scroll_adds_nothing_per_item_for_the_cycle_collector_to_walk(
     gc.collect()
     assert session.n_served == 120 and session.n_feedback == 100
     assert len(session.seen_keys.array()) == 121  # and the query's own item
-    assert [e.image_id for e in session.feedback_events()][-20:] == [
-        e.image_id for e in session.served_items()[-40:-20]
-    ]
+    assert session.feedback["key"][-20:].tolist() == session.served["key"][-40:-20].tolist()
 
     def entries_walked(container: object) -> int:
-        """Entries the collector visits beyond a pointer check (an untracked tuple is one)."""
-        return sum(
-            not (type(ref) is tuple and not gc.is_tracked(ref))
-            for ref in gc.get_referents(container)
-        )
+        return len(gc.get_referents(container))
 
     walked, todo, done = [], [session], set()
     while todo:  # what the collector walks from the session, short of shared types and code

@@ -217,6 +217,16 @@ def test_the_request_carries_the_sessions_taste(catalog_dir: Path) -> None:
         request = build_request(session, engine, FAST, seed=1)
     assert request.terms and request.prompt == ", ".join(request.terms)
     assert request.reference_images[0] == engine.image_path(top.id)  # the longest dwell first
+    # Without feedback, the best top picks it was served, best first.
+    fresh = engine.search(ItemQuery(items[1].id))
+    tops = sorted((item for item in fresh.items if item.pick == "top"), key=lambda i: -i.score)
+    session = engine.sessions.get(fresh.session_id)
+    with session.lock:
+        unsteered = build_request(session, engine, FAST, seed=1)
+    assert unsteered.reference_images == tuple(
+        engine.image_path(item.id) for item in tops[: len(unsteered.reference_images)]
+    )
+    assert unsteered.reference_images
     assert set(request.tags) <= set(engine.item(top.id).tags)
     assert request.image_embedding is None  # no clip space in this catalog
     assert (request.width, request.height, request.count) == (96, 80, 6)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import numpy as np
 import pytest
 
 from recommender.errors import UnknownSessionError
-from recommender.sessions import Served, SessionConfig, SessionStore, new_session_id
+from recommender.sessions import Columns, Served, SessionConfig, SessionStore, new_session_id
 
 
 class FakeClock:
@@ -75,9 +76,10 @@ def test_session_state_helpers() -> None:
     s = store.create("alice")
     assert s.user_id == "alice" and s.created == s.last_used
     s.mark_seen(["q"])
-    s.record_served([Served("a", "top", 1.0, 0.0), Served("b", "explore", 0.5, 0.0)])
+    s.record_served([Served("a", 7, "top", 1.0, 0.0), Served("b", 9, "explore", 0.5, 0.0)])
     assert list(s.seen) == ["q", "a", "b"] and s.is_seen("b") and not s.is_seen("c")
-    assert s.n_served == 2
+    assert s.n_served == 2 and s.served["key"].tolist() == [7, 9] and 9 in s.seen_keys
+    assert s.served["explore"].tolist() == [False, True]
     assert s.accept_event("e1") and not s.accept_event("e1")
     for e in ("e2", "e3", "e4"):
         assert s.accept_event(e)
@@ -85,6 +87,18 @@ def test_session_state_helpers() -> None:
     s.vocabulary.mute("cat")
     assert s.muted == frozenset({"cat"})
     assert s.pending_generation is False
+
+
+def test_columns_keep_the_newest_rows_up_to_their_limit() -> None:
+    log = Columns(3, key=np.int64, score=np.float32)
+    assert len(log) == 0 and log["key"].tolist() == []
+    for start in range(0, 200, 2):  # past the room it holds, so the rows move to the front
+        log.append(key=[start, start + 1], score=[0.5, 1.5])
+        assert log["key"].tolist() == list(range(max(0, start - 1), start + 2))
+    log.append(key=range(1000, 1010), score=np.zeros(10))  # a batch longer than the limit
+    assert log["key"].tolist() == [1007, 1008, 1009] and len(log) == 3
+    with pytest.raises(ValueError):
+        log["key"][0] = 5  # read-only
 
 
 def test_store_is_thread_safe() -> None:
