@@ -2,7 +2,8 @@
 
 Vectors are L2-normalised, so inner product is cosine similarity. Small spaces use an exact
 flat index; past ``exact_limit`` vectors an IVF index is trained and its ``nprobe`` is tuned on
-held-out queries until recall@k against exact search reaches the target.
+held-out queries until recall@k against exact search reaches the target (with 95 % confidence
+for queries like them, not just on the sample).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from indexer.storage import atomic_write
 log = logging.getLogger(__name__)
 
 Keys = NDArray[np.int64]
+
+# One-sided 95 % normal quantile: how far below a sample's mean recall tuning looks.
+RECALL_CONFIDENCE_Z = 1.645
 
 
 @dataclass(frozen=True)
@@ -339,7 +343,8 @@ def _tune_nprobe(
     policy: IndexPolicy,
     rng: np.random.Generator,
 ) -> tuple[int, float]:
-    """Smallest nprobe (steps of about 1.5x) whose recall@k on sample queries meets the target.
+    """Smallest nprobe (steps of about 1.5x) whose recall@k on sample queries meets the target
+    (``meets_target``); returns it with the sample's mean recall.
 
     The sample queries are catalog vectors, but real queries are not in the index: each
     query's own key is left out of both its exact and its IVF results, since finding itself
@@ -357,8 +362,9 @@ def _tune_nprobe(
         params = faiss.SearchParametersIVF()
         params.nprobe = nprobe
         _, found = index.search(queries, k + 1, params=params)
-        recall = mean_recall(without_own(found, keys[rows], k), truth)
-        if recall >= policy.recall_target:
+        recalls = query_recalls(without_own(found, keys[rows], k), truth)
+        recall = float(recalls.mean())
+        if meets_target(recalls, policy.recall_target):
             return nprobe, recall
     return int(index.nlist), recall
 
@@ -373,13 +379,26 @@ def without_own(found: Keys, own: Keys, k: int) -> Keys:
     return out
 
 
-def mean_recall(found: Keys, truth: Keys) -> float:
-    """Mean over rows of the share of each row's true keys found (-1: no key)."""
-    hits = [
-        len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, int((t >= 0).sum()))
-        for f, t in zip(found, truth, strict=True)
-    ]
-    return float(np.mean(hits)) if hits else 1.0
+def query_recalls(found: Keys, truth: Keys) -> NDArray[np.float64]:
+    """Each row's share of its true keys found (-1: no key)."""
+    return np.array(
+        [
+            len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, int((t >= 0).sum()))
+            for f, t in zip(found, truth, strict=True)
+        ],
+        dtype=np.float64,
+    )
+
+
+def meets_target(recalls: NDArray[np.float64], target: float) -> bool:
+    """Whether queries like these sampled ones reach ``target`` recall on average: the mean's
+    lower bound at one-sided 95 % confidence does, not just the sample's mean. A mean of 200
+    queries is off by ~0.002 (one standard error) near 0.95 at 1M vectors, so a setting tuned
+    to the mean alone gave 0.951 on other queries half of the time, and less the other half."""
+    if not len(recalls):
+        return True
+    spread = float(recalls.std(ddof=1)) / math.sqrt(len(recalls)) if len(recalls) > 1 else 0.0
+    return float(recalls.mean()) - RECALL_CONFIDENCE_Z * spread >= target
 
 
 def nprobe_steps(nlist: int) -> list[int]:

@@ -13,7 +13,7 @@ from indexer.encoders.base import EncoderSpec, l2_normalise
 from indexer.errors import CatalogError, EncoderMismatchError
 from indexer.filters import Filters
 from indexer.records import DumpRecord
-from indexer.vector_index import IndexPolicy, VectorIndex
+from indexer.vector_index import IndexPolicy, VectorIndex, meets_target
 
 DIM = 16
 SPECS = {
@@ -198,6 +198,14 @@ def test_feedback_is_idempotent_by_event_id(catalog: Catalog) -> None:
     fresh, dupes = catalog.record_feedback("s1", None, [("e2", "4", 300.0), ("e3", "5", 10.0)])
     assert fresh == [1] and dupes == 1
     assert [row[2] for row in catalog.feedback_rows()] == ["3", "4", "5"]
+
+
+def test_recall_tuning_asks_the_target_of_a_confident_bound_not_of_the_mean() -> None:
+    assert meets_target(np.full(200, 0.96), 0.95)
+    # mean 0.955 but spread: its bound (0.9498) misses; a sample mean 0.965 as spread passes
+    assert not meets_target(np.tile([0.91, 1.0], 100), 0.95)
+    assert meets_target(np.tile([0.93, 1.0], 100), 0.95)
+    assert not meets_target(np.tile([0.91, 1.0], 10), 0.95 - 0.004)  # fewer queries, wider
 
 
 def test_large_space_switches_to_ivf_meeting_its_recall_target(tmp_path: Path) -> None:
