@@ -125,9 +125,7 @@ class KeySet:
     is held twice: harmless to the questions asked of it).
 
     A Python set of ints costs the cycle collector a visit per key at each full collection,
-    a pause for every request meanwhile: with 128 sessions shown 2,000 items each, a full
-    collection took 47 ms with their keys in sets and their feedback events as objects, and
-    takes 3.5 ms now (``benchmarks/gc_pause.py``)."""
+    a pause for every request meanwhile (``benchmarks/gc_pause.py``)."""
 
     def __init__(self) -> None:
         self._keys = np.zeros(0, dtype=np.int64)
