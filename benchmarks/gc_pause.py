@@ -2,11 +2,11 @@
 
 Every request waits while CPython's cycle collector runs, and a full collection walks every
 entry of every tracked container. A session keeps, per item it was shown, its key (the seen
-set), a served record and a feedback event. This builds ``--sessions`` sessions that were
+keys), a served record and a feedback event. This builds ``--sessions`` sessions that were
 each shown ``--shown`` items with feedback on all of them, the way the engine records them
-(``recommender.sessions``), and times ``gc.collect()`` with them alive against a baseline in
-the same run: the same records kept the way they were before (a Python set of keys and
-tracked event objects).
+(``recommender.sessions``: numpy arrays), and times ``gc.collect()`` with them alive against
+a baseline in the same run: the same sessions keeping those records as they did before (the
+keys in a Python set, served records as tuples in a deque, feedback events as objects).
 
     python benchmarks/gc_pause.py [--sessions 128] [--shown 2000] [--json OUT]
 """
