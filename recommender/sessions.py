@@ -295,7 +295,11 @@ class SessionOwners(Protocol):
 
     def call(self, session_id: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """Run the engine's ``method`` in the process that holds the session; its result, or
-        the error it raised."""
+        the error it raised. Blocks: for a caller in a thread."""
+        ...
+
+    async def forward(self, session_id: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """``call`` for a caller on the serving event loop, awaited without holding a thread."""
         ...
 
     def home_for_new_session(self) -> int | None:

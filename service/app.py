@@ -10,15 +10,15 @@ steering once its commit is done): those run on the event loop's thread
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -116,15 +116,15 @@ def serve_engine(
     settings: Settings,
     engine: Engine,
     sock: socket.socket | None = None,
-    on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+    around: Callable[[], AbstractAsyncContextManager[Any]] | None = None,
 ) -> None:
     """Serve the API over ``engine`` until told to stop, on ``settings.host``/``port`` or on
-    ``sock`` (a worker process's listening socket, see ``service/workers.py``); ``on_loop``
-    is handed the serving event loop once it runs."""
+    ``sock`` (a worker process's listening socket, see ``service/workers.py``); ``around``
+    is entered on the serving event loop at start-up and left at shutdown."""
     import uvicorn
 
     config = uvicorn.Config(
-        create_app(settings, engine, on_loop=on_loop),
+        create_app(settings, engine, around=around),
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -146,35 +146,37 @@ def create_app(
     settings: Settings,
     engine: Engine | None = None,
     *,
-    on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+    around: Callable[[], AbstractAsyncContextManager[Any]] | None = None,
 ) -> FastAPI:
     """The lookalike HTTP API over ``engine``, or over an engine opened from ``settings``;
-    ``on_loop`` is handed the serving event loop at start-up."""
+    ``around`` is entered on the serving event loop at start-up (a worker's peers, see
+    ``service/workers.py``) and left at shutdown."""
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = engine is None
         one_blas_thread()
-        if on_loop is not None:
-            on_loop(asyncio.get_running_loop())
-        current = engine if engine is not None else await run_in_threadpool(open_engine, settings)
-        app.state.engine = current
-        app.state.image_slots = anyio.CapacityLimiter(settings.image_workers)
-        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
-        metrics.bind_engine(current.stats)
-        if current.generator is not None:
-            current.generator.start(current)  # loads its models in the background
-        # Encoders load in the background: /healthz answers at once, /readyz once loaded.
-        threading.Thread(target=_load_encoders, args=(app, current), daemon=True).start()
-        log.info("serving catalog %s (%s)", settings.catalog, ", ".join(current.spaces))
-        try:
-            yield
-        finally:
-            metrics.bind_engine(None)
-            app.state.engine = None
-            if owned:
-                await run_in_threadpool(current.close)
+        async with around() if around is not None else nullcontext():
+            current = (
+                engine if engine is not None else await run_in_threadpool(open_engine, settings)
+            )
+            app.state.engine = current
+            app.state.image_slots = anyio.CapacityLimiter(settings.image_workers)
+            anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
+            metrics.bind_engine(current.stats)
+            if current.generator is not None:
+                current.generator.start(current)  # loads its models in the background
+            # Encoders load in the background: /healthz answers at once, /readyz once loaded.
+            threading.Thread(target=_load_encoders, args=(app, current), daemon=True).start()
+            log.info("serving catalog %s (%s)", settings.catalog, ", ".join(current.spaces))
+            try:
+                yield
+            finally:
+                metrics.bind_engine(None)
+                app.state.engine = None
+                if owned:
+                    await run_in_threadpool(current.close)
 
     app = FastAPI(
         title="lookalike",

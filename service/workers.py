@@ -7,9 +7,12 @@ holds its indexes in memory.
 
 A session lives in one worker: the one its id names, ``crc32(id) mod N``. A worker makes ids
 that name itself, and a call for another worker's session (feed, feedback, a search that
-restarts it, its info, mute, delete) runs in the owner: the engine forwards it over a Unix
-socket (``multiprocessing.connection``, authenticated by a key made at start-up) and returns
-what the owner answered or raises what it raised. New sessions are spread round robin over the
+restarts it, its info, mute, delete) runs in the owner: it is forwarded over a Unix socket
+(pickles, after a handshake on a key made at start-up) and returns what the owner answered or
+raises what it raised. Both ends of a forward run on the workers' event loops, the routes
+awaiting the owner without holding a thread (the engine's own forwards, from a thread, hand
+their call to the loop), and the owner running pages and steering on its loop as it runs its
+own sessions'. New sessions are spread round robin over the
 workers, whichever one the client reached. Feedback is stored by the owner, in the catalog's
 SQLite, as with one process; a worker that does not answer its peers makes their calls for its
 sessions 503 ``worker_unavailable``.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hmac
 import itertools
 import logging
 import multiprocessing
@@ -32,16 +36,19 @@ import pickle
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import Client, Connection, Listener, wait
+from multiprocessing.connection import wait
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from starlette.concurrency import run_in_threadpool
 
 from recommender.engine import Engine
 from recommender.errors import SessionOwnerUnavailableError
@@ -55,14 +62,66 @@ log = logging.getLogger(__name__)
 FORWARDED = frozenset(
     {"create_session", "search", "feed", "feedback", "session_info", "mute", "delete_session"}
 )
-# Those of them that the routes run on the event loop's thread for a session held here (short
-# CPU work, see ``for_session``). Feedback is split as its route splits it (the commit on the
-# thread its connection arrived on, the steering on the loop); search, which encodes images,
-# stays on that thread, as it runs in the thread pool here.
+# Those of them that the owner runs on its event loop's thread, as its routes run its own
+# sessions' calls (short CPU work, see ``routes.deps.for_session``). Feedback is split as its
+# route splits it (the commit in a thread, the steering on the loop); search, which encodes
+# images, runs in a thread.
 ON_LOOP = frozenset({"feed", "session_info", "mute", "delete_session"})
 STOP_GRACE_S = 30.0
-# How long a forwarded call may wait for this worker's event loop to run it.
+# How long a forwarded call may take, queueing included, before the caller gives up (503).
 PEER_CALL_TIMEOUT_S = 120.0
+# How long a new peer connection may take to prove it knows the key.
+HANDSHAKE_TIMEOUT_S = 10.0
+
+# The peer protocol: a frame is a 4-byte big-endian length and a pickle. Nothing is unpickled
+# before the handshake, in which each side proves it holds the shared key: an HMAC-SHA256 of
+# a fresh nonce the other side sent, labelled with its role so that an answer cannot be
+# replayed the other way.
+_LENGTH = struct.Struct("!I")
+_NONCE_BYTES = 32
+
+
+class HandshakeError(ConnectionError):
+    """A peer connection whose other end did not prove it holds the workers' key."""
+
+
+def _proof(key: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.digest(key, role + nonce, "sha256")
+
+
+async def _prove_as_server(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes
+) -> None:
+    nonce = os.urandom(_NONCE_BYTES)
+    writer.write(nonce)
+    await writer.drain()
+    answer = await reader.readexactly(2 * _NONCE_BYTES)  # the client's proof, then its nonce
+    if not hmac.compare_digest(answer[:_NONCE_BYTES], _proof(key, b"client", nonce)):
+        raise HandshakeError("the peer does not hold the workers' key")
+    writer.write(_proof(key, b"server", answer[_NONCE_BYTES:]))
+    await writer.drain()
+
+
+async def _prove_as_client(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes
+) -> None:
+    nonce = os.urandom(_NONCE_BYTES)
+    writer.write(_proof(key, b"client", await reader.readexactly(_NONCE_BYTES)) + nonce)
+    await writer.drain()
+    if not hmac.compare_digest(
+        await reader.readexactly(_NONCE_BYTES), _proof(key, b"server", nonce)
+    ):
+        raise HandshakeError("the worker listening there does not hold the workers' key")
+
+
+def _frame(value: Any) -> bytes:
+    payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    return pickle.loads(await reader.readexactly(length))
 
 
 @dataclass(frozen=True)
@@ -84,15 +143,23 @@ class Shard:
 class PeerOwners:
     """``SessionOwners`` for worker processes: ownership by id, calls forwarded to the owner.
 
-    Each peer gets a pool of open connections (a connection carries one call at a time).
+    Forwarding runs on this worker's event loop (``attach``): a route awaits ``forward``
+    without holding a thread, and ``call`` (the engine's, from a thread) hands its call to the
+    loop and waits. Each peer gets a pool of open connections; a connection carries one call
+    at a time.
     """
 
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
-        self._idle: dict[int, list[Connection]] = {}
+        self._idle: dict[int, list[_PeerConnection]] = {}  # used on the loop's thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._next_home = itertools.count(shard.index)
         self._answering = threading.local()  # set in threads that run a peer's calls
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Forward calls over ``loop``, this worker's serving loop, from now on."""
+        self._loop = loop
 
     def owns(self, session_id: str) -> bool:
         return self.shard.owner(session_id) == self.shard.index
@@ -123,135 +190,177 @@ class PeerOwners:
         finally:
             self._answering.active = False
 
-    def call(self, session_id: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
-        return self.call_in(self.shard.owner(session_id), method, *args, **kwargs)
+    async def forward(self, session_id: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        return await self.forward_to(self.shard.owner(session_id), method, *args, **kwargs)
 
-    def call_in(self, owner: int, method: str, /, *args: Any, **kwargs: Any) -> Any:
-        conn = None
+    async def forward_to(self, owner: int, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Run the engine's ``method`` in worker ``owner``: its result, or what it raised."""
+        idle = self._idle.setdefault(owner, [])
+        conn = idle.pop() if idle else None
         try:
-            conn = self._connection(owner)
-            conn.send((method, args, kwargs))
-            ok, value = conn.recv()
-        except (OSError, EOFError) as exc:
+            if conn is None:
+                conn = await _PeerConnection.open(self.shard.address(owner), self.shard.authkey)
+            async with asyncio.timeout(PEER_CALL_TIMEOUT_S):  # no task of its own, unlike wait_for
+                ok, value = await conn.call(method, args, kwargs)
+        except (OSError, EOFError, TimeoutError) as exc:  # HandshakeError is an OSError
             if conn is not None:
                 conn.close()
             raise SessionOwnerUnavailableError(
                 f"the worker holding this session (worker {owner}) did not answer"
             ) from exc
-        with self._lock:
-            self._idle.setdefault(owner, []).append(conn)
+        except BaseException:  # cancelled mid-call (the client left): its answer is unread
+            if conn is not None:
+                conn.close()
+            raise
+        idle.append(conn)
         if not ok:
             raise value
         return value
 
-    def close(self) -> None:
-        with self._lock:
-            for conns in self._idle.values():
-                for conn in conns:
-                    conn.close()
-            self._idle.clear()
+    def call(self, session_id: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        return self.call_in(self.shard.owner(session_id), method, *args, **kwargs)
 
-    def _connection(self, owner: int) -> Connection:
-        with self._lock:
-            idle = self._idle.get(owner)
-            if idle:
-                return idle.pop()
-        return Client(self.shard.address(owner), family="AF_UNIX", authkey=self.shard.authkey)
-
-
-class PeerServer:
-    """Answers the forwarded calls of the other workers with this worker's engine.
-
-    A connection's calls arrive on a thread of their own. Those in ``ON_LOOP``, and the
-    steering half of feedback, run on the serving event loop's thread once ``attach`` gave it
-    one, as the routes run this worker's own: two threads running engine code contend for the
-    GIL, which made a forwarded page cost more CPU than one served where it arrived (2 workers
-    at 1M: 7.8-8.2 against 6.2-7.4 ms a request, 223-234 against 254-308 pages a second).
-    """
-
-    def __init__(self, shard: Shard, engine: Engine, owners: PeerOwners) -> None:
-        self._engine = engine
-        self._owners = owners
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._listener = Listener(
-            shard.address(shard.index), family="AF_UNIX", authkey=shard.authkey
-        )
-        self._thread = threading.Thread(target=self._accept, name="peer-server", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Run forwarded calls on ``loop``'s thread from now on."""
-        self._loop = loop
-
-    def close(self) -> None:
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn = self._listener.accept()
-            except OSError:
-                return  # closed
-            except Exception:  # noqa: BLE001 - a failed handshake must not stop the listener
-                log.warning("a peer connection failed its handshake", exc_info=True)
-                continue
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: Connection) -> None:
-        with conn:
-            while True:
-                try:
-                    method, args, kwargs = conn.recv()
-                except (EOFError, OSError):
-                    return
-                answer = self._run(method, args, kwargs)
-                try:
-                    conn.send(answer)
-                except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                    # Pickling fails before anything is sent: the caller still gets an answer.
-                    failure = RuntimeError(f"{method} answered what cannot be sent: {exc}")
-                    conn.send((False, failure))
-
-    def _run(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
-        if method not in FORWARDED:
-            return False, SessionOwnerUnavailableError(f"{method!r} is not forwarded")
-        engine = self._engine
+    def call_in(self, owner: int, method: str, /, *args: Any, **kwargs: Any) -> Any:
         loop = self._loop
-        # Over Milvus a page waits on its server's answer: that wait stays off the loop.
-        if loop is None or loop.is_closed() or not engine.searches_in_process:
-            return self._call(getattr(engine, method), args, kwargs)
-        if method == "feedback":  # as the route does: the commit here, the steering there
-            ok, stored = self._call(engine.store_feedback, args, kwargs)
-            return self._on_loop(loop, engine.steer_with, (stored,)) if ok else (ok, stored)
-        if method in ON_LOOP:
-            return self._on_loop(loop, getattr(engine, method), args, kwargs)
-        return self._call(getattr(engine, method), args, kwargs)
-
-    def _on_loop(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any] | None = None,
-    ) -> tuple[bool, Any]:
-        """``_call`` on the event loop's thread, waiting for it here."""
-
-        async def on_loop() -> tuple[bool, Any]:
-            return self._call(func, args, kwargs or {})
-
-        call = on_loop()
+        if loop is None or loop.is_closed():
+            raise SessionOwnerUnavailableError("this worker is not serving: it forwards nothing")
+        if _running_loop() is loop:
+            raise RuntimeError("a blocking forward on the event loop's thread: await forward()")
+        call = self.forward_to(owner, method, *args, **kwargs)
         try:
             future = asyncio.run_coroutine_threadsafe(call, loop)
         except RuntimeError as exc:  # the loop closed meanwhile: this worker is stopping
             call.close()
-            return False, SessionOwnerUnavailableError(f"{func.__name__} was not run: {exc}")
+            raise SessionOwnerUnavailableError(f"{method} was not forwarded: {exc}") from exc
         try:
-            return future.result(PEER_CALL_TIMEOUT_S)
+            return future.result(PEER_CALL_TIMEOUT_S + HANDSHAKE_TIMEOUT_S)
         except (TimeoutError, concurrent.futures.CancelledError) as exc:
-            future.cancel()  # the loop stopped, or is stuck: the caller gets a 503
-            return False, SessionOwnerUnavailableError(f"{func.__name__} was not run: {exc!r}")
+            future.cancel()  # the loop stopped, or is stuck
+            raise SessionOwnerUnavailableError(f"{method} was not forwarded: {exc!r}") from exc
+
+    async def close(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _PeerConnection:
+    """A connection to another worker's ``PeerServer``, past the handshake."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def open(cls, address: str, key: bytes) -> _PeerConnection:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(address), HANDSHAKE_TIMEOUT_S
+        )
+        try:
+            await asyncio.wait_for(_prove_as_client(reader, writer, key), HANDSHAKE_TIMEOUT_S)
+        except BaseException:
+            writer.close()
+            raise
+        return cls(reader, writer)
+
+    async def call(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[bool, Any]:
+        self._writer.write(_frame((method, args, kwargs)))
+        await self._writer.drain()
+        answer: tuple[bool, Any] = await _read_frame(self._reader)
+        return answer
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class PeerServer:
+    """Answers the other workers' forwarded calls with this worker's engine, on its serving
+    event loop (``start``).
+
+    Calls in ``ON_LOOP``, and the steering half of feedback, run right on the loop's thread, as
+    the routes run this worker's own: a thread of their own contended with the loop for the
+    GIL, and a forwarded page waited for both (2 workers at 1M, p99 at 200/s: a forwarded
+    request 47 ms against 8 ms for one served where it arrived). The rest wait in a thread.
+    """
+
+    def __init__(self, shard: Shard, engine: Engine, owners: PeerOwners) -> None:
+        self._shard = shard
+        self._engine = engine
+        self._owners = owners
+        self._server: asyncio.Server | None = None
+        self._peers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        """Listen for the other workers on this worker's socket, on the running loop."""
+        self._server = await asyncio.start_unix_server(
+            self._serve, path=self._shard.address(self._shard.index)
+        )
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for writer in list(self._peers):
+            writer.close()  # their handlers see the end of the stream and return
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._peers.add(writer)
+        try:
+            try:
+                await asyncio.wait_for(
+                    _prove_as_server(reader, writer, self._shard.authkey), HANDSHAKE_TIMEOUT_S
+                )
+            except (OSError, EOFError, TimeoutError):
+                log.warning("a peer connection failed its handshake", exc_info=True)
+                return
+            while True:
+                try:
+                    method, args, kwargs = await _read_frame(reader)
+                except (EOFError, OSError):
+                    return
+                answer = await self._run(method, args, kwargs)
+                try:
+                    frame = _frame(answer)
+                except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                    # The caller still gets an answer, and the connection stays in step.
+                    frame = _frame(
+                        (False, RuntimeError(f"{method} answered what cannot be sent: {exc}"))
+                    )
+                writer.write(frame)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return  # the peer went away mid-answer
+        finally:
+            self._peers.discard(writer)
+            writer.close()
+
+    async def _run(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[bool, Any]:
+        if method not in FORWARDED:
+            return False, SessionOwnerUnavailableError(f"{method!r} is not forwarded")
+        engine = self._engine
+        # Over Milvus a page waits on its server's answer: that wait stays off the loop.
+        if not engine.searches_in_process:
+            return await run_in_threadpool(self._call, getattr(engine, method), args, kwargs)
+        if method == "feedback":  # as the route does: the commit in a thread, the steering here
+            ok, stored = await run_in_threadpool(self._call, engine.store_feedback, args, kwargs)
+            return self._call(engine.steer_with, (stored,), {}) if ok else (ok, stored)
+        if method in ON_LOOP:
+            return self._call(getattr(engine, method), args, kwargs)
+        return await run_in_threadpool(self._call, getattr(engine, method), args, kwargs)
 
     def _call(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -261,6 +370,18 @@ class PeerServer:
                 return True, func(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the caller raises it, as if it ran there
             return False, exc
+
+
+@contextlib.asynccontextmanager
+async def peering(owners: PeerOwners, server: PeerServer) -> AsyncIterator[None]:
+    """While a worker serves: answer the other workers, and forward to them, on its loop."""
+    owners.attach(asyncio.get_running_loop())
+    await server.start()
+    try:
+        yield
+    finally:
+        await server.close()
+        await owners.close()
 
 
 def serve_workers(settings: Settings) -> int:
@@ -326,14 +447,11 @@ def _worker_main(settings: Settings, shard: Shard, sock: socket.socket) -> None:
     configure_logging(json_lines=settings.log_json, access_log=settings.access_log)
     owners = PeerOwners(shard)
     engine = open_engine(settings, owners=owners)
-    peers = PeerServer(shard, engine, owners)
+    server = PeerServer(shard, engine, owners)
     try:
         engine.load()
-        peers.start()
-        serve_engine(settings, engine, sock, on_loop=peers.attach)
+        serve_engine(settings, engine, sock, around=lambda: peering(owners, server))
     finally:
-        peers.close()
-        owners.close()
         engine.close()
 
 

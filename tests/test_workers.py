@@ -16,9 +16,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import httpx
 import pytest
@@ -31,8 +31,10 @@ from recommender.errors import SessionOwnerUnavailableError, UnknownSessionError
 from service.routes.deps import for_session
 from service.routes.feedback import feedback as feedback_route
 from service.schemas import EventIn, FeedbackIn
-from service.workers import PeerOwners, PeerServer, Shard, listening_sockets
+from service.workers import PeerOwners, PeerServer, Shard, listening_sockets, peering
 from tests.cli_helpers import serving, writable_copy
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -55,15 +57,46 @@ def shards(run_dir: Path, count: int) -> list[Shard]:
     return [Shard(i, count, run_dir, key) for i in range(count)]
 
 
-def two_workers(catalog: Catalog, run_dir: Path) -> tuple[Engine, Engine, list[PeerServer]]:
-    """Two workers' engines over one catalog in this process, each answering its peer."""
-    engines, servers = [], []
-    for shard in shards(run_dir, 2):
-        owners = PeerOwners(shard)
-        engines.append(Engine(catalog, {}, owners=owners, seed=0))
-        servers.append(PeerServer(shard, engines[-1], owners))
-        servers[-1].start()
-    return engines[0], engines[1], servers
+class Worker:
+    """One worker's engine with its peers served on an event loop in a thread of its own, as
+    ``serve --workers`` runs it on its serving loop."""
+
+    def __init__(self, catalog: Catalog, shard: Shard) -> None:
+        self.owners = PeerOwners(shard)
+        self.engine = Engine(catalog, {}, owners=self.owners, seed=0)
+        self.server = PeerServer(shard, self.engine, self.owners)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.run(self._enter())
+
+    async def _enter(self) -> None:
+        self._peering = peering(self.owners, self.server)
+        await self._peering.__aenter__()
+
+    def run(self, call: Coroutine[Any, Any, T]) -> T:
+        """Run ``call`` on this worker's loop; its result."""
+        return asyncio.run_coroutine_threadsafe(call, self.loop).result(30)
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.run(self._peering.__aexit__(None, None, None))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def workers(catalog: Catalog, run_dir: Path, count: int = 2) -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    try:
+        for shard in shards(run_dir, count):
+            started.append(Worker(catalog, shard))
+        yield started
+    finally:
+        for worker in started:
+            worker.stop()
 
 
 def test_a_worker_makes_ids_that_name_it(run_dir: Path) -> None:
@@ -85,12 +118,12 @@ def test_domain_errors_cross_processes_whole() -> None:
 def test_a_call_for_another_workers_session_runs_in_that_worker(
     catalog: Catalog, run_dir: Path
 ) -> None:
-    owner, other, servers = two_workers(catalog, run_dir)
-    try:
+    with workers(catalog, run_dir) as (first, second):
+        owner, other = first.engine, second.engine
         ids = [item.id for item in catalog.iter_items()]
         page = owner.search(ItemQuery(ids[0]))
         session_id = page.session_id
-        assert owner.owners is not None and owner.owners.owns(session_id)
+        assert first.owners.owns(session_id)
 
         # Every session-bound call made in the other worker runs in the owner.
         second_page = other.feed(session_id)
@@ -109,9 +142,6 @@ def test_a_call_for_another_workers_session_runs_in_that_worker(
         with pytest.raises(UnknownSessionError) as missing:
             other.feed(session_id)
         assert missing.value.session_id == session_id
-    finally:
-        for server in servers:
-            server.close()
 
 
 def test_forwarded_pages_and_steering_run_on_the_owners_event_loop_commits_off_it(
@@ -119,48 +149,82 @@ def test_forwarded_pages_and_steering_run_on_the_owners_event_loop_commits_off_i
 ) -> None:
     """As the owner's routes run its own calls: a page and feedback's steering on the serving
     loop's thread (no second thread contending for the GIL), feedback's commit, which waits on
-    the disk, off it."""
-    owner, other, servers = two_workers(catalog, run_dir)
-    loop = asyncio.new_event_loop()
-    looping = threading.Thread(target=loop.run_forever, daemon=True)
-    looping.start()
-    ran_on: dict[str, int] = {}
+    the disk, off it; and the asking worker awaits the answer on its own loop."""
+    with workers(catalog, run_dir) as (first, second):
+        owner = first.engine
+        ran_on: dict[str, int] = {}
 
-    def recorded(name: str) -> Any:
-        method = getattr(owner, name)
+        def recorded(name: str) -> Any:
+            method = getattr(owner, name)
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            ran_on[name] = threading.get_ident()
-            return method(*args, **kwargs)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                ran_on[name] = threading.get_ident()
+                return method(*args, **kwargs)
 
-        return call
+            return call
 
-    try:
-        servers[0].attach(loop)
         session_id = owner.search(ItemQuery(next(iter(catalog.iter_items())).id)).session_id
         for name in ("feed", "store_feedback", "steer_with"):
             setattr(owner, name, recorded(name))
-        page = other.feed(session_id)
-        assert ran_on["feed"] == looping.ident
-        events = [FeedbackEvent(uuid.uuid4().hex, i.id, 2_500.0) for i in page.items]
-        assert other.feedback(session_id, events).accepted == len(events)
-        assert ran_on["steer_with"] == looping.ident
-        assert ran_on["store_feedback"] not in (looping.ident, threading.get_ident())
-        assert other.session_info(session_id).feedback_events == len(events)
-        # A loop that has stopped (the worker is shutting down) no longer runs them.
-        loop.call_soon_threadsafe(loop.stop)
-        looping.join(5)
-        loop.close()
-        assert other.feed(session_id).session_id == session_id  # answered, not hung
-        assert ran_on["feed"] != looping.ident
-    finally:
-        for server in servers:
-            server.close()
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(loop.stop)
+        page = second.run(for_session(second.engine, session_id, "feed", session_id, None))
+        assert ran_on["feed"] == first.thread.ident
+        events = [
+            EventIn(event_id=uuid.uuid4().hex, image_id=i.id, dwell_ms=2_500.0) for i in page.items
+        ]
+        answer = second.run(
+            feedback_route(second.engine, FeedbackIn(session_id=session_id, events=events))
+        )
+        assert answer.accepted == len(events)
+        assert ran_on["steer_with"] == first.thread.ident
+        assert ran_on["store_feedback"] not in (first.thread.ident, second.thread.ident)
+        assert owner.session_info(session_id).feedback_events == len(events)
+        # A worker that has stopped answers no more: the caller is told so, not left hanging.
+        first.stop()
+        with pytest.raises(SessionOwnerUnavailableError, match="worker 0"):
+            second.engine.feed(session_id)
 
 
-def test_a_call_runs_on_the_event_loop_for_a_session_held_here_over_faiss_else_in_a_thread(
+def test_a_forward_cancelled_midway_leaves_no_answer_for_the_next_call(
+    catalog: Catalog, run_dir: Path
+) -> None:
+    """A client that leaves cancels its route's forward: the connection it was waiting on
+    still gets that answer, so it is closed, not handed to the next call."""
+    with workers(catalog, run_dir) as (first, second):
+        owner = first.engine
+        session_id = owner.search(ItemQuery(next(iter(catalog.iter_items())).id)).session_id
+        info = owner.session_info
+
+        def slow_info(*args: Any) -> Any:
+            time.sleep(0.3)
+            return info(*args)
+
+        owner.session_info = slow_info  # type: ignore[method-assign]
+
+        async def leave_then_scroll() -> Any:
+            asking = asyncio.ensure_future(
+                second.owners.forward(session_id, "session_info", session_id)
+            )
+            await asyncio.sleep(0.1)
+            asking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asking
+            return await second.owners.forward(session_id, "feed", session_id, None)
+
+        page = second.run(leave_then_scroll())
+        assert page.session_id == session_id and page.items
+
+
+def test_a_peer_without_the_workers_key_is_refused(catalog: Catalog, run_dir: Path) -> None:
+    with workers(catalog, run_dir) as (first, second):
+        session_id = first.engine.create_session()
+        stranger = PeerOwners(Shard(1, 2, run_dir, b"x" * 32))
+        with pytest.raises(SessionOwnerUnavailableError, match="worker 0"):
+            second.run(stranger.forward(session_id, "session_info", session_id))
+        # The worker goes on answering its peers.
+        assert second.engine.session_info(session_id).session_id == session_id
+
+
+def test_a_call_runs_on_the_event_loop_for_a_session_held_here_over_faiss_else_awaits_its_owner(
     catalog: Catalog,
 ) -> None:
     class HereOnly:  # the part of SessionOwners the helper asks: is the session held here?
@@ -170,15 +234,22 @@ def test_a_call_runs_on_the_event_loop_for_a_session_held_here_over_faiss_else_i
         def new_session_id(self) -> str:
             return "held-here"
 
+        async def forward(self, session_id: str, method: str, *args: Any) -> Any:
+            return ("forwarded", method, threading.get_ident())
+
     engine = Engine(catalog, {}, owners=cast(Any, HereOnly()), seed=0)
+    engine.ident = threading.get_ident  # type: ignore[attr-defined]
 
-    async def on_loop_thread(session_id: str) -> bool:
-        return await for_session(engine, session_id, threading.get_ident) == threading.get_ident()
+    async def ran_on(session_id: str) -> Any:
+        return await for_session(engine, session_id, "ident"), threading.get_ident()
 
-    assert asyncio.run(on_loop_thread("held-here"))
-    assert not asyncio.run(on_loop_thread("held-elsewhere"))  # waits on a peer: pool thread
+    here, loop_thread = asyncio.run(ran_on("held-here"))
+    assert here == loop_thread
+    (forwarded, method, awaited_on), loop_thread = asyncio.run(ran_on("held-elsewhere"))
+    assert (forwarded, method, awaited_on) == ("forwarded", "ident", loop_thread)
     catalog.store = dataclasses.replace(catalog.store, kind="milvus")  # searches over a socket
-    assert not asyncio.run(on_loop_thread("held-here"))
+    here, loop_thread = asyncio.run(ran_on("held-here"))
+    assert here != loop_thread
 
 
 def test_the_feedback_route_commits_in_a_thread_and_steers_on_the_event_loop(
@@ -236,25 +307,27 @@ def test_workers_listen_on_one_port_with_a_socket_each_and_connections_spread() 
 def test_new_sessions_are_spread_over_the_workers_whichever_one_was_asked(
     catalog: Catalog, run_dir: Path
 ) -> None:
-    first, second, servers = two_workers(catalog, run_dir)
-    try:
+    with workers(catalog, run_dir) as (first, second):
         item = next(iter(catalog.iter_items())).id
-        made = [first.create_session() for _ in range(4)]
-        made += [first.search(ItemQuery(item)).session_id for _ in range(4)]
-        assert len(first.sessions) == len(second.sessions) == 4
-        assert all(second.feed(session_id).session_id == session_id for session_id in made)
-    finally:
-        for server in servers:
-            server.close()
+        made = [first.engine.create_session() for _ in range(4)]
+        made += [first.engine.search(ItemQuery(item)).session_id for _ in range(4)]
+        assert len(first.engine.sessions) == len(second.engine.sessions) == 4
+        assert all(second.engine.feed(session_id).session_id == session_id for session_id in made)
 
 
 def test_an_owner_that_does_not_answer_is_reported_as_such(catalog: Catalog, run_dir: Path) -> None:
     first, second = shards(run_dir, 2)
     owner = Engine(catalog, {}, owners=PeerOwners(first), seed=0)
-    other = Engine(catalog, {}, owners=PeerOwners(second), seed=0)
-    session_id = owner.create_session()  # its worker has no peer server: it is down
-    with pytest.raises(SessionOwnerUnavailableError, match="worker 0"):
-        other.feed(session_id)
+    session_id = owner.create_session()  # its worker serves no peers: it is down
+    other = Worker(catalog, second)
+    try:
+        with pytest.raises(SessionOwnerUnavailableError, match="worker 0"):
+            other.engine.feed(session_id)
+    finally:
+        other.stop()
+    # A worker whose loop does not run (not serving yet, or stopped) forwards nothing.
+    with pytest.raises(SessionOwnerUnavailableError, match="not serving"):
+        Engine(catalog, {}, owners=PeerOwners(second), seed=0).feed(session_id)
 
 
 def test_serve_with_two_workers_scrolls_from_any_connection_and_stops_cleanly(

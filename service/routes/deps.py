@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from recommender.engine import Engine
+from recommender.sessions import SessionOwners
 from service.errors import ApiError
 from service.netguard import SafeFetcher
 from service.schemas import ErrorBody
@@ -54,24 +55,27 @@ def error_docs(*answers: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
 T = TypeVar("T")
 
 
-async def for_session(engine: Engine, session_id: str, func: Callable[..., T], *args: Any) -> T:
-    """Run ``func(*args)``, an engine call for one session, where it costs least.
+async def for_session(engine: Engine, session_id: str, method: str, *args: Any) -> Any:
+    """Run the engine's ``method(*args)`` for one session where it costs least.
 
     For a session this process holds, over FAISS indexes, right here on the event loop's
     thread: the call is short CPU work that holds the GIL, so a worker thread could not run it
     alongside anything else, and the GIL hand-offs between the loop and pool threads cost a
-    quarter more CPU per feed page (benchmarks/service.py). In the thread pool otherwise: a
-    session another worker holds is waited on over a socket, and so is a Milvus search.
+    quarter more CPU per feed page (benchmarks/service.py). For a session another worker holds,
+    awaited here while that worker runs it (no thread waits on it); over Milvus, whose searches
+    wait on a socket, in the thread pool.
     """
-    if runs_on_loop(engine, session_id):
+    if (owners := elsewhere(engine, session_id)) is not None:
+        return await owners.forward(session_id, method, *args)
+    func = getattr(engine, method)
+    if engine.searches_in_process:
         return func(*args)
     return await run_in_threadpool(func, *args)
 
 
-def runs_on_loop(engine: Engine, session_id: str) -> bool:
-    """Whether this session's engine calls run on the event loop's thread (``for_session``):
-    it is held here and searched over in-process indexes."""
-    return engine.holds_session(session_id) and engine.searches_in_process
+def elsewhere(engine: Engine, session_id: str) -> SessionOwners | None:
+    """The engine's ``owners`` when another serving process holds this session, else None."""
+    return None if engine.holds_session(session_id) else engine.owners
 
 
 async def in_image_slot(request: Request, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -7,7 +7,7 @@ import logging
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from service.routes.deps import EngineDep, error_docs, runs_on_loop
+from service.routes.deps import EngineDep, elsewhere, error_docs
 from service.schemas import FeedbackIn, FeedbackOut
 
 log = logging.getLogger(__name__)
@@ -26,13 +26,15 @@ router = APIRouter(prefix="/v1", tags=["feedback"])
 async def feedback(engine: EngineDep, body: FeedbackIn) -> FeedbackOut:
     """Record dwell events; answered only once they are committed to the catalog."""
     events = [e.to_event() for e in body.events]
-    if runs_on_loop(engine, body.session_id):
+    if (owners := elsewhere(engine, body.session_id)) is not None:
+        result = await owners.forward(body.session_id, "feedback", body.session_id, events)
+    elif engine.searches_in_process:
         # The commit waits on the disk, in a thread; the steering is CPU work and runs here,
         # like a page: in a second thread it contended with the loop's for the GIL, which
         # cost a feed and its feedback together ~30 % more CPU (benchmarks/RESULTS.md).
         stored = await run_in_threadpool(engine.store_feedback, body.session_id, events)
         result = engine.steer_with(stored)
-    else:  # held by another worker (a wait on it), or steered over Milvus
+    else:  # steered over Milvus, whose searches wait on a socket
         result = await run_in_threadpool(engine.feedback, body.session_id, events)
     # Counts only: dwell values never reach the logs.
     log.info("feedback: %d accepted, %d duplicates", result.accepted, result.duplicates)

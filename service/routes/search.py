@@ -165,4 +165,4 @@ async def feed(
 ) -> FeedOut:
     """The session's next page; never repeats an item it was served."""
     limit = check_limit(limit, settings.max_page)
-    return FeedOut.of(await for_session(engine, session_id, engine.feed, session_id, limit))
+    return FeedOut.of(await for_session(engine, session_id, "feed", session_id, limit))

@@ -25,7 +25,7 @@ def create_session(engine: EngineDep, body: SessionCreate | None = None) -> Sess
 @router.get("/{session_id}", responses=_NOT_FOUND)
 async def session_info(engine: EngineDep, session_id: SessionPath) -> SessionOut:
     """What the session has been served and the terms steering it."""
-    return SessionOut.of(await for_session(engine, session_id, engine.session_info, session_id))
+    return SessionOut.of(await for_session(engine, session_id, "session_info", session_id))
 
 
 @router.post(
@@ -35,12 +35,12 @@ async def session_info(engine: EngineDep, session_id: SessionPath) -> SessionOut
 )
 async def mute(engine: EngineDep, session_id: SessionPath, body: MuteIn) -> Response:
     """ "Less of this": the term stops pulling the session's feed."""
-    await for_session(engine, session_id, engine.mute, session_id, body.term)
+    await for_session(engine, session_id, "mute", session_id, body.term)
     return Response(status_code=204)
 
 
 @router.delete("/{session_id}", status_code=204, responses=_NOT_FOUND)
 async def delete_session(engine: EngineDep, session_id: SessionPath) -> Response:
     """Forget the session (its acknowledged feedback stays in the catalog)."""
-    await for_session(engine, session_id, engine.delete_session, session_id)
+    await for_session(engine, session_id, "delete_session", session_id)
     return Response(status_code=204)
