@@ -145,13 +145,13 @@ class PeerOwners:
 
     Forwarding runs on this worker's event loop (``attach``): a route awaits ``forward``
     without holding a thread, and ``call`` (the engine's, from a thread) hands its call to the
-    loop and waits. Each peer gets a pool of open connections; a connection carries one call
-    at a time.
+    loop and waits. All calls to one peer share one connection (``_PeerLink``), opened on the
+    first and again after a failure.
     """
 
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
-        self._idle: dict[int, list[_PeerConnection]] = {}  # used on the loop's thread only
+        self._links: dict[int, asyncio.Future[_PeerLink]] = {}  # used on the loop's thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._next_home = itertools.count(shard.index)
@@ -195,27 +195,27 @@ class PeerOwners:
 
     async def forward_to(self, owner: int, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """Run the engine's ``method`` in worker ``owner``: its result, or what it raised."""
-        idle = self._idle.setdefault(owner, [])
-        conn = idle.pop() if idle else None
         try:
-            if conn is None:
-                conn = await _PeerConnection.open(self.shard.address(owner), self.shard.authkey)
-            async with asyncio.timeout(PEER_CALL_TIMEOUT_S):  # no task of its own, unlike wait_for
-                ok, value = await conn.call(method, args, kwargs)
+            async with asyncio.timeout(PEER_CALL_TIMEOUT_S):
+                link = await self._link(owner)
+                ok, value = await link.call(method, args, kwargs)
         except (OSError, EOFError, TimeoutError) as exc:  # HandshakeError is an OSError
-            if conn is not None:
-                conn.close()
             raise SessionOwnerUnavailableError(
                 f"the worker holding this session (worker {owner}) did not answer"
             ) from exc
-        except BaseException:  # cancelled mid-call (the client left): its answer is unread
-            if conn is not None:
-                conn.close()
-            raise
-        idle.append(conn)
         if not ok:
             raise value
         return value
+
+    async def _link(self, owner: int) -> _PeerLink:
+        opening = self._links.get(owner)
+        if opening is None or _failed(opening):
+            address = self.shard.address(owner)
+            opening = asyncio.ensure_future(_PeerLink.open(address, self.shard.authkey))
+            self._links[owner] = opening
+        # Shielded: the calls that wait for one opening share it, and one of them being
+        # cancelled (its client left) must not fail the others.
+        return await asyncio.shield(opening)
 
     def call(self, session_id: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
         return self.call_in(self.shard.owner(session_id), method, *args, **kwargs)
@@ -239,10 +239,19 @@ class PeerOwners:
             raise SessionOwnerUnavailableError(f"{method} was not forwarded: {exc!r}") from exc
 
     async def close(self) -> None:
-        for conns in self._idle.values():
-            for conn in conns:
-                conn.close()
-        self._idle.clear()
+        for opening in self._links.values():
+            if not opening.done():
+                opening.cancel()
+            elif not _failed(opening):
+                opening.result().close()
+        self._links.clear()
+
+
+def _failed(opening: asyncio.Future[_PeerLink]) -> bool:
+    """Whether a link being opened failed to open, or broke since."""
+    if not opening.done():
+        return False
+    return opening.cancelled() or opening.exception() is not None or opening.result().broken
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -252,15 +261,22 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-class _PeerConnection:
-    """A connection to another worker's ``PeerServer``, past the handshake."""
+class _PeerLink:
+    """A connection to another worker's ``PeerServer``, past the handshake, carrying any number
+    of calls at once: each call is numbered, and a reader task hands each answer to the call
+    that waits for it. A call that is cancelled (its client left) leaves its answer unread, and
+    the link in step; a link that breaks fails the calls waiting on it.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
         self._writer = writer
+        self._waiting: dict[int, asyncio.Future[tuple[bool, Any]]] = {}
+        self._numbers = itertools.count()
+        self.broken = False
+        self._reading = asyncio.ensure_future(self._read_answers(reader))
 
     @classmethod
-    async def open(cls, address: str, key: bytes) -> _PeerConnection:
+    async def open(cls, address: str, key: bytes) -> _PeerLink:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(address), HANDSHAKE_TIMEOUT_S
         )
@@ -274,13 +290,37 @@ class _PeerConnection:
     async def call(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[bool, Any]:
-        self._writer.write(_frame((method, args, kwargs)))
-        await self._writer.drain()
-        answer: tuple[bool, Any] = await _read_frame(self._reader)
-        return answer
+        if self.broken:
+            raise ConnectionResetError("the link to this worker broke")
+        number = next(self._numbers)
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting[number] = answer
+        try:
+            self._writer.write(_frame((number, method, args, kwargs)))
+            await self._writer.drain()
+            return await answer
+        finally:
+            del self._waiting[number]
+
+    async def _read_answers(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                number, answer = await _read_frame(reader)
+                waiting = self._waiting.get(number)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(answer)
+        except (EOFError, OSError) as exc:
+            reason: BaseException = exc
+        except asyncio.CancelledError:
+            reason = ConnectionAbortedError("this worker closed the link")
+        self.broken = True
+        self._writer.close()
+        for waiting in self._waiting.values():
+            if not waiting.done():
+                waiting.set_exception(ConnectionResetError(f"the link broke: {reason!r}"))
 
     def close(self) -> None:
-        self._writer.close()
+        self._reading.cancel()
 
 
 class PeerServer:
@@ -299,6 +339,7 @@ class PeerServer:
         self._owners = owners
         self._server: asyncio.Server | None = None
         self._peers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # calls answered from a thread
 
     async def start(self) -> None:
         """Listen for the other workers on this worker's socket, on the running loop."""
@@ -310,6 +351,8 @@ class PeerServer:
         if self._server is None:
             return
         self._server.close()
+        for task in self._tasks:
+            task.cancel()
         for writer in list(self._peers):
             writer.close()  # their handlers see the end of the stream and return
         await self._server.wait_closed()
@@ -327,39 +370,57 @@ class PeerServer:
                 return
             while True:
                 try:
-                    method, args, kwargs = await _read_frame(reader)
+                    number, method, args, kwargs = await _read_frame(reader)
                 except (EOFError, OSError):
                     return
-                answer = await self._run(method, args, kwargs)
-                try:
-                    frame = _frame(answer)
-                except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                    # The caller still gets an answer, and the connection stays in step.
-                    frame = _frame(
-                        (False, RuntimeError(f"{method} answered what cannot be sent: {exc}"))
+                if self._runs_now(method):  # a page: answered before the next call is read
+                    _answer(writer, number, method, self._run_now(method, args, kwargs))
+                    await writer.drain()
+                else:  # waits on a thread: the link goes on carrying other calls meanwhile
+                    task = asyncio.create_task(
+                        self._answer_later(writer, number, method, args, kwargs)
                     )
-                writer.write(frame)
-                await writer.drain()
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
         except (ConnectionError, OSError):
             return  # the peer went away mid-answer
         finally:
             self._peers.discard(writer)
             writer.close()
 
+    def _runs_now(self, method: str) -> bool:
+        return method in ON_LOOP and self._engine.searches_in_process
+
+    def _run_now(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[bool, Any]:
+        return self._call(getattr(self._engine, method), args, kwargs)
+
+    async def _answer_later(
+        self,
+        writer: asyncio.StreamWriter,
+        number: int,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        answer = await self._run(method, args, kwargs)
+        with contextlib.suppress(ConnectionError, OSError):  # the peer went away meanwhile
+            _answer(writer, number, method, answer)
+            await writer.drain()
+
     async def _run(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[bool, Any]:
+        """A call that is not run right away (``_runs_now``), where it costs least."""
         if method not in FORWARDED:
             return False, SessionOwnerUnavailableError(f"{method!r} is not forwarded")
         engine = self._engine
-        # Over Milvus a page waits on its server's answer: that wait stays off the loop.
-        if not engine.searches_in_process:
-            return await run_in_threadpool(self._call, getattr(engine, method), args, kwargs)
-        if method == "feedback":  # as the route does: the commit in a thread, the steering here
+        if method == "feedback" and engine.searches_in_process:
+            # As the route does: the commit in a thread, the steering on the loop.
             ok, stored = await run_in_threadpool(self._call, engine.store_feedback, args, kwargs)
             return self._call(engine.steer_with, (stored,), {}) if ok else (ok, stored)
-        if method in ON_LOOP:
-            return self._call(getattr(engine, method), args, kwargs)
+        # Searches encode images; over Milvus a page waits on its server's answer.
         return await run_in_threadpool(self._call, getattr(engine, method), args, kwargs)
 
     def _call(
@@ -370,6 +431,18 @@ class PeerServer:
                 return True, func(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the caller raises it, as if it ran there
             return False, exc
+
+
+def _answer(
+    writer: asyncio.StreamWriter, number: int, method: str, answer: tuple[bool, Any]
+) -> None:
+    try:
+        frame = _frame((number, answer))
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        # Pickling failed before anything was written: the caller still gets an answer.
+        failure = RuntimeError(f"{method} answered what cannot be sent: {exc}")
+        frame = _frame((number, (False, failure)))
+    writer.write(frame)
 
 
 @contextlib.asynccontextmanager

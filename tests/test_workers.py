@@ -184,11 +184,11 @@ def test_forwarded_pages_and_steering_run_on_the_owners_event_loop_commits_off_i
             second.engine.feed(session_id)
 
 
-def test_a_forward_cancelled_midway_leaves_no_answer_for_the_next_call(
+def test_a_forward_cancelled_midway_leaves_its_answer_to_no_other_call(
     catalog: Catalog, run_dir: Path
 ) -> None:
-    """A client that leaves cancels its route's forward: the connection it was waiting on
-    still gets that answer, so it is closed, not handed to the next call."""
+    """A client that leaves cancels its route's forward: the answer still comes, over the link
+    the next call uses, and must not be taken for that call's."""
     with workers(catalog, run_dir) as (first, second):
         owner = first.engine
         session_id = owner.search(ItemQuery(next(iter(catalog.iter_items())).id)).session_id
@@ -212,6 +212,39 @@ def test_a_forward_cancelled_midway_leaves_no_answer_for_the_next_call(
 
         page = second.run(leave_then_scroll())
         assert page.session_id == session_id and page.items
+
+
+def test_a_page_is_not_held_up_by_a_slow_call_on_the_same_link(
+    catalog: Catalog, run_dir: Path
+) -> None:
+    """Calls to one worker share a connection: a search waiting on a thread there (encoding an
+    image) must not make the pages asked after it wait too."""
+    with workers(catalog, run_dir) as (first, second):
+        owner = first.engine
+        ids = [item.id for item in catalog.iter_items()]
+        session_id = owner.search(ItemQuery(ids[0])).session_id
+        search = owner.search
+        answered: list[str] = []
+
+        def slow_search(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.5)
+            return search(*args, **kwargs)
+
+        owner.search = slow_search  # type: ignore[method-assign]
+
+        async def search_then_scroll() -> None:
+            async def ask(name: str, *args: Any, **kwargs: Any) -> None:
+                await second.owners.forward(session_id, name, *args, **kwargs)
+                answered.append(name)
+
+            await asyncio.gather(
+                ask("search", ItemQuery(ids[1]), session_id=session_id),
+                ask("feed", session_id, None),
+                ask("session_info", session_id),
+            )
+
+        second.run(search_then_scroll())
+        assert answered == ["feed", "session_info", "search"]
 
 
 def test_a_peer_without_the_workers_key_is_refused(catalog: Catalog, run_dir: Path) -> None:
