@@ -552,8 +552,8 @@ class _IdlePaths:
 
 # Arrivals at the rate before an open loop's measured ``seconds``, not counted: the loop meets a
 # server that has idled (it waits for the last phase's backlog to drain), and on the 2-vCPU dev
-# box the first half-second after that ran several times slower (2 workers at 200/s: 13-14
-# of a run's 20 slowest requests fell in it, benchmarks/RESULTS.md).
+# box the first half-second after that held most of a run's slowest requests (2 workers at
+# 200/s: 13 and 14 of the 20 slowest, benchmarks/RESULTS.md).
 OPEN_LOOP_WARMUP_S = 2.0
 
 
