@@ -309,10 +309,10 @@ class _PeerLink:
                 waiting = self._waiting.get(number)
                 if waiting is not None and not waiting.done():
                     waiting.set_result(answer)
-        except (EOFError, OSError) as exc:
-            reason: BaseException = exc
         except asyncio.CancelledError:
-            reason = ConnectionAbortedError("this worker closed the link")
+            reason: BaseException = ConnectionAbortedError("this worker closed the link")
+        except Exception as exc:  # noqa: BLE001 - the stream ended, or an answer cannot be read
+            reason = exc
         self.broken = True
         self._writer.close()
         for waiting in self._waiting.values():
@@ -372,6 +372,9 @@ class PeerServer:
                 try:
                     number, method, args, kwargs = await _read_frame(reader)
                 except (EOFError, OSError):
+                    return
+                except Exception:  # noqa: BLE001 - the peer's calls on this link fail (503)
+                    log.warning("a peer sent a call that cannot be read", exc_info=True)
                     return
                 if self._runs_now(method):  # a page: answered before the next call is read
                     _answer(writer, number, method, self._run_now(method, args, kwargs))

@@ -214,6 +214,32 @@ def test_a_forward_cancelled_midway_leaves_its_answer_to_no_other_call(
         assert page.session_id == session_id and page.items
 
 
+class Unreadable:
+    """Pickles, but raises when unpickled (as a class missing on the reading side would)."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_refuse, ())
+
+
+def _refuse() -> None:
+    raise AttributeError("no such class here")
+
+
+def test_an_answer_that_cannot_be_read_fails_its_call_at_once_and_the_link_reopens(
+    catalog: Catalog, run_dir: Path
+) -> None:
+    with workers(catalog, run_dir) as (first, second):
+        session_id = first.engine.search(ItemQuery(next(iter(catalog.iter_items())).id)).session_id
+        info = first.engine.session_info
+        first.engine.session_info = lambda *args: Unreadable()  # type: ignore[method-assign]
+        started = time.monotonic()
+        with pytest.raises(SessionOwnerUnavailableError, match="worker 0"):
+            second.engine.session_info(session_id)
+        assert time.monotonic() - started < 5  # not left waiting for the call's timeout
+        first.engine.session_info = info  # type: ignore[method-assign]
+        assert second.engine.session_info(session_id).session_id == session_id
+
+
 def test_a_page_is_not_held_up_by_a_slow_call_on_the_same_link(
     catalog: Catalog, run_dir: Path
 ) -> None:
