@@ -5,8 +5,8 @@ per-client rate limit, request-body limit. The engine is opened in the ``lifespa
 is given, which the caller then owns). Blocking engine calls run in the thread pool, except the
 short ones for a session this process holds (feed, session info, mute, delete, and feedback's
 steering once its commit is done): those run on the event loop's thread
-(``routes.deps.for_session``, ``routes.feedback``). Those same calls for a session another
-worker process holds are awaited on the loop while that worker runs them
+(``routes.deps.for_session``, ``routes.deps.feedback_here``). Those same calls for a session
+another worker process holds are awaited on the loop while that worker runs them
 (``service/workers.py``).
 """
 

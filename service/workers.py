@@ -54,6 +54,7 @@ from recommender.engine import Engine
 from recommender.errors import SessionOwnerUnavailableError
 from recommender.sessions import new_session_id
 from service.app import configure_logging, open_engine, serve_engine
+from service.routes.deps import feedback_here
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -419,10 +420,11 @@ class PeerServer:
         if method not in FORWARDED:
             return False, SessionOwnerUnavailableError(f"{method!r} is not forwarded")
         engine = self._engine
-        if method == "feedback" and engine.searches_in_process:
-            # As the route does: the commit in a thread, the steering on the loop.
-            ok, stored = await run_in_threadpool(self._call, engine.store_feedback, args, kwargs)
-            return self._call(engine.steer_with, (stored,), {}) if ok else (ok, stored)
+        if method == "feedback":  # as the route runs it
+            try:
+                return True, await feedback_here(engine, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - the caller raises it, as if it ran there
+                return False, exc
         # Searches encode images; over Milvus a page waits on its server's answer.
         return await run_in_threadpool(self._call, getattr(engine, method), args, kwargs)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
@@ -10,6 +10,7 @@ import anyio.to_thread
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from recommender.api import FeedbackEvent, FeedbackResult
 from recommender.engine import Engine
 from recommender.sessions import SessionOwners
 from service.errors import ApiError
@@ -71,6 +72,22 @@ async def for_session(engine: Engine, session_id: str, method: str, *args: Any) 
     if engine.searches_in_process:
         return func(*args)
     return await run_in_threadpool(func, *args)
+
+
+async def feedback_here(
+    engine: Engine, session_id: str, events: Sequence[FeedbackEvent]
+) -> FeedbackResult:
+    """``engine.feedback`` for a session this process holds, each half where it costs least.
+
+    The commit waits on the disk, in a thread; the steering is CPU work and runs on the event
+    loop's thread, like a page: in a second thread it contended with the loop's for the GIL,
+    which cost a feed and its feedback together ~30 % more CPU (benchmarks/RESULTS.md). Over
+    Milvus, whose searches wait on a socket, all of it in a thread.
+    """
+    if not engine.searches_in_process:
+        return await run_in_threadpool(engine.feedback, session_id, events)
+    stored = await run_in_threadpool(engine.store_feedback, session_id, events)
+    return engine.steer_with(stored)
 
 
 def elsewhere(engine: Engine, session_id: str) -> SessionOwners | None:

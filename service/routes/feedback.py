@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 
-from service.routes.deps import EngineDep, elsewhere, error_docs
+from service.routes.deps import EngineDep, elsewhere, error_docs, feedback_here
 from service.schemas import FeedbackIn, FeedbackOut
 
 log = logging.getLogger(__name__)
@@ -28,14 +27,8 @@ async def feedback(engine: EngineDep, body: FeedbackIn) -> FeedbackOut:
     events = [e.to_event() for e in body.events]
     if (owners := elsewhere(engine, body.session_id)) is not None:
         result = await owners.forward(body.session_id, "feedback", body.session_id, events)
-    elif engine.searches_in_process:
-        # The commit waits on the disk, in a thread; the steering is CPU work and runs here,
-        # like a page: in a second thread it contended with the loop's for the GIL, which
-        # cost a feed and its feedback together ~30 % more CPU (benchmarks/RESULTS.md).
-        stored = await run_in_threadpool(engine.store_feedback, body.session_id, events)
-        result = engine.steer_with(stored)
-    else:  # steered over Milvus, whose searches wait on a socket
-        result = await run_in_threadpool(engine.feedback, body.session_id, events)
+    else:
+        result = await feedback_here(engine, body.session_id, events)
     # Counts only: dwell values never reach the logs.
     log.info("feedback: %d accepted, %d duplicates", result.accepted, result.duplicates)
     return FeedbackOut.of(result)
