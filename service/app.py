@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import (
+    AbstractAsyncContextManager,
+    asynccontextmanager,
+    contextmanager,
+    nullcontext,
+)
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -134,7 +141,31 @@ def serve_engine(
         proxy_headers=False,  # X-Forwarded-For is read by the app when trusted
         server_header=False,
     )
-    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+    with _sigterm_unwinds():
+        uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Make the SIGTERM that uvicorn raises again after its graceful shutdown exit this
+    process as SystemExit(0), so that the caller's ``finally`` closes the engine (the
+    generator writes the FAISS snapshots it owes, SQLite folds its WAL back) and a worker
+    process exits through multiprocessing's clean-up. Under SIGTERM's default action the
+    process would end inside uvicorn, skipping both. A second SIGTERM meanwhile kills."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (uvicorn installs none either)
+        return
+
+    def unwind(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is unwind:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _version() -> str:

@@ -370,6 +370,33 @@ def test_feedback_acknowledged_before_a_server_kill_survives_it(
     )
 
 
+def test_sigterm_stops_the_server_through_its_shutdown(
+    pixels_catalog: Path, tmp_path: Path
+) -> None:
+    """A supervisor's SIGTERM (systemd, docker stop) ends the server after it closed its
+    engine: uvicorn raises the signal again once it has drained, which under the default
+    action ended the process before the engine's close, leaving SQLite's WAL (and a
+    generator's unwritten snapshots) behind."""
+    catalog, image_ids = writable_copy(pixels_catalog, tmp_path)
+    exits: list[int | None] = []
+    with serving(catalog, tmp_path / "server.log", exits=exits) as (url, _):
+        session = httpx.post(f"{url}/v1/search", json={"image_id": image_ids[0]}).json()
+        events = [
+            {"event_id": f"sigterm-{n}", "image_id": item["id"], "dwell_ms": 1500.0}
+            for n, item in enumerate(session["items"][:3])
+        ]
+        sent = httpx.post(
+            f"{url}/v1/feedback", json={"session_id": session["session_id"], "events": events}
+        )
+        assert sent.status_code == 202, sent.text
+        assert (catalog / "catalog.sqlite-wal").exists()  # the write is in the WAL for now
+    assert exits == [0], (tmp_path / "server.log").read_text()[-2000:]
+    assert not (catalog / "catalog.sqlite-wal").exists()  # the engine closed the catalog
+    with sqlite3.connect(catalog / "catalog.sqlite") as conn:
+        stored = {row[0] for row in conn.execute("SELECT event_id FROM feedback")}
+    assert {e["event_id"] for e in events} <= stored
+
+
 def test_opening_a_catalog_on_a_full_disk_says_so(crash_dump: Path, tmp_path: Path) -> None:
     """SQLite reports the full disk it meets creating its shared-memory file as a bare
     "disk I/O error"; the catalog names the cause."""

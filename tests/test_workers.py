@@ -427,6 +427,8 @@ def test_serve_with_two_workers_scrolls_from_any_connection_and_stops_cleanly(
     assert exits == [0], text[-3000:]  # SIGTERM: the workers stopped, and the parent cleanly
     assert text.count('"message":"serving catalog') == 2  # both workers served
     assert "Traceback" not in text and "worker exited" not in text
+    assert "leaked" not in text  # each worker left through multiprocessing's clean-up
+    assert not (catalog / "catalog.sqlite-wal").exists()  # and closed its engine first
 
 
 def exited(pid: int) -> bool:
