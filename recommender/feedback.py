@@ -241,6 +241,12 @@ def _prepare(
     return x[keep], s[keep]
 
 
+def _nearest_psd(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``matrix`` (symmetric up to rounding) with its negative eigenvalues set to zero."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.maximum(values, 0.0)) @ vectors.T
+
+
 def _base_state(q0: ArrayLike, history: int) -> tuple[Vector, deque[Vector]]:
     q = unit(np.asarray(q0))
     if not np.any(q):
@@ -431,6 +437,9 @@ class BayesConfig:
     explore_temperature: float = 1.0
 
 
+MIN_SPREAD2 = 1e-4  # see BayesSteerer.update
+
+
 class BayesSteerer:
     r"""``default``: Bayesian linear preference model with Thompson-sampled exploration.
 
@@ -491,12 +500,21 @@ class BayesSteerer:
         state.resid = hs - float(rho @ hs) / wsum
         state.noise_var = cfg.noise_std**2 / rho
         spread2 = float(rho @ np.diag(centred)) / wsum
-        state.spread = math.sqrt(spread2) if spread2 > 1e-12 else 1.0
+        # Rows this close together (the same image dwelt on again and again) have no spread to
+        # state the prior in: dividing by it would blow the float32 Gram matrix's rounding up
+        # past A's diagonal noise. The rows are unit vectors, so this is a 1 % rms distance.
+        state.spread = math.sqrt(spread2) if spread2 > MIN_SPREAD2 else 1.0
         tau2 = cfg.prior_std**2
         # A is symmetric positive definite (diagonal noise >= σ²): a Cholesky factor solves
         # with it at a fifth of the cost of inverting it
-        a = (tau2 / state.spread**2) * centred + np.diag(state.noise_var)
-        state.a_chol = scipy.linalg.cholesky(a, lower=True, check_finite=False)
+        scale = tau2 / state.spread**2
+        try:
+            a = scale * centred + np.diag(state.noise_var)
+            state.a_chol = scipy.linalg.cholesky(a, lower=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            # Rounding left the centred products a little indefinite: drop their negative part.
+            a = scale * _nearest_psd(centred) + np.diag(state.noise_var)
+            state.a_chol = scipy.linalg.cholesky(a, lower=True, check_finite=False)
         dual = state.solve(state.resid - state.times(m0))
         state.mean = m0 + tau2 * state.transposed_times(dual)
         state.query = unit(state.mean, fallback=state.query)

@@ -189,6 +189,27 @@ def test_all_equal_dwell_leaves_the_query_alone(name: str) -> None:
     np.testing.assert_allclose(q, _unit(1, 2, 3, 4), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_the_same_image_dwelt_on_again_and_again_leaves_the_query_alone(name: str) -> None:
+    """A client that repeats one image's event (fresh event ids) gives rows with no spread:
+    the default steerer's posterior once failed its Cholesky factor here (a 500). Shown only
+    one thing, the default steerer learns no direction from it (Rocchio's centroid and
+    SUMO's momentum move toward the item, as their rules say)."""
+    rng = np.random.default_rng(5)
+    steerer = make_steerer(SteeringConfig(strategy=name))
+    q0 = as_rows(rng.standard_normal(289))[0]
+    state = steerer.init_state(q0)
+    item = rng.standard_normal((1, 289))
+    steerer.update(state, item, [1.0])
+    for batch in (10, 30, 60, 200):
+        q = steerer.update(state, np.repeat(item, batch, axis=0), rng.standard_normal(batch))
+        assert np.all(np.isfinite(q))
+        if name in ("default", "none"):
+            assert float(q @ q0) > 0.999
+        scores = steerer.explore_scores(state, rng.standard_normal((20, 289)), rng)
+        assert scores is None or np.all(np.isfinite(scores))
+
+
 def test_wrong_sizes_and_unknown_strategy_are_refused() -> None:
     steerer = BayesSteerer()
     state = steerer.init_state(_unit(1, 0))
