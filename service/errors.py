@@ -15,6 +15,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from indexer.errors import (
@@ -154,8 +155,22 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
+        for error in exc.errors():
+            if error.get("type") == "json_invalid":
+                # A body that is not JSON at all: 400, as the routes that parse their own say.
+                count_error(request, "invalid_json")
+                where = error.get("loc", ())[-1]
+                message = f"the body is not valid JSON (at character {where})"
+                return error_response(400, "invalid_json", message)
         count_error(request, "invalid_request")
         return error_response(422, "invalid_request", _validation_message(exc))
+
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        # The client closed the connection before its body arrived: nobody reads this answer,
+        # and it is no error of the service's (not a 500, not a traceback in the log).
+        log.info("%s %s: the client left before sending its body", request.method, request.url.path)
+        count_error(request, "client_disconnected")
+        return error_response(499, "client_disconnected", "the client closed the connection")
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -174,5 +189,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(LookalikeError, on_domain_error)
     app.add_exception_handler(UrlFetchError, on_fetch_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_bug)

@@ -587,6 +587,61 @@ def test_deeply_nested_json_is_4xx(client: TestClient) -> None:
         assert set(response.json()) == {"error"}
 
 
+def test_a_body_that_is_not_json_is_400_on_every_route(client: TestClient) -> None:
+    session = client.post("/v1/sessions", json={}).json()["session_id"]
+    headers = {"content-type": "application/json"}
+    paths = ["/v1/search", "/v1/feedback", "/v1/sessions", f"/v1/sessions/{session}/mute"]
+    for path in [*paths, "/v1/score", "/knn-service"]:
+        response = client.post(path, content=b'{"text": "a"', headers=headers)
+        assert_error(response, 400, "invalid_json")
+
+
+def test_a_client_leaving_mid_body_is_no_server_error(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes its connection before its body is complete: no 500 counted, no
+    traceback logged (any client could flood the error log and the 5xx metrics)."""
+    for path in ("/v1/search", "/knn-service", "/v1/feedback"):
+        sent: list[dict[str, Any]] = []
+
+        async def call(path: str = path, sent: list[dict[str, Any]] = sent) -> None:
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": path,
+                "raw_path": path.encode(),
+                "query_string": b"",
+                "root_path": "",
+                "headers": [
+                    (b"host", b"testserver"),
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"1000"),
+                ],
+                "client": ("127.0.0.1", 50000),
+                "server": ("testserver", 80),
+            }
+            chunks = [{"type": "http.request", "body": b'{"te', "more_body": True}]
+
+            async def receive() -> dict[str, Any]:
+                return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            await client.app(scope, receive, send)
+
+        with caplog.at_level(logging.INFO):
+            client.portal.call(call)  # type: ignore[union-attr]
+        started = [m for m in sent if m["type"] == "http.response.start"]
+        assert started and started[0]["status"] in (400, 499), (path, started)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], path
+    metrics = client.get("/metrics").text
+    assert 'code="internal"' not in metrics and 'status="500"' not in metrics
+
+
 def test_a_bug_is_a_json_500(
     tiny: TinyCatalog, client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
