@@ -28,6 +28,7 @@ Skip reasons: ``missing_image``, ``bad_json``, ``unknown_json``, ``bad_item``,
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -276,8 +277,8 @@ class _DumpWalker:
             yield SkippedEntry(rel, "unreadable", str(exc))
             return
         try:
-            document = orjson.loads(content)
-        except orjson.JSONDecodeError as exc:
+            document = _loads(content)
+        except ValueError as exc:
             if _looks_like_jsonl(content):
                 yield from self._jsonl_lines(listing, rel, content.splitlines())
             else:
@@ -299,8 +300,8 @@ class _DumpWalker:
                 continue
             where = f"{rel}:{number}"
             try:
-                document = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
+                document = _loads(line)
+            except ValueError as exc:
                 yield SkippedEntry(where, "bad_json", str(exc))
                 continue
             yield from self._document(listing, where, document, sidecar_stem=None)
@@ -469,13 +470,26 @@ def _found_or_escaped(place: _Listing, name: str) -> _Found | str:
     return "outside_root" if path is None else _Found(place.path, name, path)
 
 
+def _loads(content: bytes) -> Any:
+    """A JSON value from a file's bytes: orjson, then the standard library for what real dumps
+    hold and orjson refuses: a byte-order mark, UTF-16 or UTF-32 text, and the NaN and
+    Infinity that Python's ``json.dump`` writes. Raises ValueError (orjson's message)."""
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError as exc:
+        try:
+            return json.loads(content.decode(json.detect_encoding(content)))
+        except ValueError:  # UnicodeDecodeError and json's own are ValueErrors too
+            raise exc from None
+
+
 def _looks_like_jsonl(content: bytes) -> bool:
     """True when a ``.json`` file that failed to parse holds one JSON object per line."""
     for line in content.splitlines():
         if line.strip():
             try:
-                return isinstance(orjson.loads(line), dict)
-            except orjson.JSONDecodeError:
+                return isinstance(_loads(line), dict)
+            except ValueError:
                 return False
     return False
 
@@ -524,10 +538,19 @@ def _unwrap_meta(value: Any) -> dict[str, Any]:
 
 
 def _nsfw_level(item: dict[str, Any]) -> int:
-    """The highest level any of the item's NSFW fields gives (err on the safe side)."""
-    keys = ("nsfwLevel", "browsingLevel", "nsfw", "original_level", "nsfw_level")
-    levels = [nsfw_level_from_any(item[key]) for key in keys if item.get(key) is not None]
+    """The highest level the item's level fields give (err on the safe side). The boolean
+    ``nsfw`` counts only without them: civitai sets it for Soft images too (its documented
+    example: ``nsfw: true, nsfwLevel: "Soft", browsingLevel: 2``), where alone it means
+    Mature."""
+    keys = ("nsfwLevel", "browsingLevel", "original_level", "nsfw_level")
+    levels = [nsfw_level_from_any(item[key]) for key in keys if _present(item.get(key))]
+    if not levels and _present(item.get("nsfw")):
+        levels.append(nsfw_level_from_any(item["nsfw"]))
     return max(levels, default=0)
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, str) and not value.strip())
 
 
 def _record(item: dict[str, Any], ident: str, path: Path) -> DumpRecord:
@@ -636,10 +659,10 @@ def _sniff_json(path: str) -> str | None:
     try:
         with open(path, "rb") as handle:
             if _extension(path) in _JSONL_EXTENSIONS:
-                document: Any = [orjson.loads(handle.readline())]
+                document: Any = [_loads(handle.readline())]
             else:
-                document = orjson.loads(handle.read())
-    except (OSError, orjson.JSONDecodeError):
+                document = _loads(handle.read())
+    except (OSError, ValueError):
         return None
     if isinstance(document, dict) and isinstance(document.get("items"), list):
         return FORMAT_API

@@ -126,6 +126,50 @@ def test_claimed_images_are_not_read_again_as_bare(api_dump: Path) -> None:
     assert sorted(records) == ["101", "102", "103", "104", "105", "images/stray"]
 
 
+def test_nsfw_levels_from_civitai_and_other_ratings(tmp_path: Path) -> None:
+    root = tmp_path / "dump"
+    cases = {
+        # civitai's documented example: nsfw is true for Soft images too
+        "soft": ({"nsfw": True, "nsfwLevel": "Soft", "browsingLevel": 2}, 1),
+        "none": ({"nsfw": False, "nsfwLevel": "None", "browsingLevel": 1}, 0),
+        "flag-r": ({"nsfwLevel": 4}, 2),  # the newer API's numeric levels (bit flags)
+        "flag-xxx": ({"nsfwLevel": 16}, 4),
+        "only-bool": ({"nsfwLevel": None, "nsfw": True}, 2),
+        "empty-level": ({"nsfwLevel": " ", "nsfw": True}, 2),
+        "mixed": ({"nsfwLevel": "Soft", "browsingLevel": 8}, 3),  # the highest level field
+        "booru": ({"nsfwLevel": "questionable"}, 2),
+        "spelled": ({"nsfwLevel": "PG 13"}, 1),
+        "blocked": ({"nsfwLevel": "Blocked"}, 4),
+        "unknown": ({"nsfwLevel": "spicy"}, 4),  # unreadable: a safe filter leaves it out
+    }
+    items = []
+    for name, (fields, _) in cases.items():
+        write_image(root / f"{name}.png")
+        items.append(api_item(name, **{"nsfwLevel": None, **fields}))
+    write_json(root / "page.json", {"items": items})
+    records, _ = read(root)
+    assert {name: records[name].nsfw_level for name in cases} == {
+        name: level for name, (_, level) in cases.items()
+    }
+
+
+def test_json_with_a_bom_utf16_or_nan_is_read(tmp_path: Path) -> None:
+    """What Windows tools and Python's json.dump write, and orjson alone refuses."""
+    root = tmp_path / "dump"
+    for name in ("bom", "utf16", "nan"):
+        write_image(root / f"{name}.png")
+    page = {"items": [api_item("bom", nsfwLevel="X")]}
+    (root / "bom-page.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(page).encode())
+    page = {"items": [api_item("utf16", nsfwLevel="X")]}
+    (root / "utf16-page.json").write_bytes(json.dumps(page).encode("utf-16"))
+    nan = api_item("nan", nsfwLevel="X", meta={"prompt": "a red orb", "cfgScale": float("nan")})
+    (root / "nan-page.json").write_text(json.dumps({"items": [nan]}))
+    records, skipped = read(root)
+    assert sorted(records) == ["bom", "nan", "utf16"] and not skipped
+    assert {r.nsfw_level for r in records.values()} == {3}
+    assert records["nan"].prompt == "a red orb"
+
+
 def test_json_list_and_jsonl_of_items(tmp_path: Path) -> None:
     root = tmp_path / "dump"
     write_image(root / "1.png")
