@@ -39,7 +39,7 @@ from indexer.errors import ImageRejected
 logger = logging.getLogger(__name__)
 
 ALLOWED_FORMATS: Final = ("JPEG", "PNG", "WEBP", "GIF")
-IMAGE_EXTENSIONS: Final = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif"})
+IMAGE_EXTENSIONS: Final = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif"})
 """File name extensions (lower case) of the allowed formats; what the dump readers look for."""
 
 # Everything Pillow raises for bad bytes. DecompressionBombError is handled before these.

@@ -11,7 +11,7 @@ import functools
 import re
 from collections.abc import Iterable
 
-PROMPT_TERMS_VERSION = 1
+PROMPT_TERMS_VERSION = 2  # 2: words in every script, not only ASCII letters and digits
 """Bump when the rules below change what ``prompt_terms`` returns."""
 
 STOPWORDS = frozenset(
@@ -40,7 +40,7 @@ _ANGLE = re.compile(r"<[^>]*>")  # <lora:name:0.8>, <hypernet:...>, embeddings
 _WEIGHT = re.compile(r":\s*-?\d+(?:\.\d+)?\s*(?=[)\]}>]|,|$)")  # the ":1.2" of (red:1.2)
 _BRACKETS = re.compile(r"[()\[\]{}]")
 _CHUNK_SPLIT = re.compile(r",|\n|\|| BREAK |\bAND\b|\.(?:\s|$)")
-_WORD = re.compile(r"[a-z0-9][a-z0-9'-]*[a-z0-9]|[a-z]")
+_WORD = re.compile(r"[^\W_][\w'-]*[^\W_]|[^\W_]")  # letters and digits of any script
 
 
 # Both are pure, and indexing and queries repeat prompts and terms: cached.
@@ -84,7 +84,8 @@ def _prompt_terms(prompt: str, max_terms: int) -> tuple[str, ...]:
         # a short chunk that lost nothing is a phrase ("red hair"); otherwise its words count
         phrase = len(words) == len(all_words) and 1 <= len(words) <= 3
         for term in [" ".join(words)] if phrase else words:
-            if len(term) > 1 and term not in FILLER_PHRASES:
+            # one Latin letter says nothing; one CJK character is a word (猫, cat)
+            if (len(term) > 1 or not term.isascii()) and term not in FILLER_PHRASES:
                 out.setdefault(term, None)
         if len(out) >= max_terms:
             break

@@ -41,6 +41,15 @@ def test_prompt_terms_strip_syntax_fillers_and_stopwords() -> None:
         "long hair",
     ]
     assert prompt_terms(None) == prompt_terms("") == []
+    # words of every script are terms (a single CJK character is a word; one Latin letter not)
+    prompt = "猫耳の少女, 桜, x, красивая девушка, a photo of a закат, café au lait"
+    assert prompt_terms(prompt) == [
+        "猫耳の少女",
+        "桜",
+        "красивая девушка",
+        "закат",
+        "café au lait",
+    ]
     assert len(prompt_terms(", ".join(f"word{i}" for i in range(100)), max_terms=5)) == 5
 
 
