@@ -353,12 +353,24 @@ class Engine:
         ids only) and return them. It waits on the disk; ``steer_with`` does the CPU work, so
         that a server can run each where it costs least."""
         session = self.sessions.get(session_id)
+        self._check_known(session, [e.image_id for e in events])
         fresh, duplicates = self.catalog.record_feedback(
             session.id,
             session.user_id,
             [(e.event_id, e.image_id, float(e.dwell_ms)) for e in events],
         )
         return StoredFeedback(session.id, tuple(events[i] for i in fresh), duplicates)
+
+    def _check_known(self, session: Session, image_ids: Sequence[str]) -> None:
+        """Refuse a batch with an image neither served to the session nor in the catalog (a
+        typo, a guess, junk): none of its events is stored. One served and deleted since
+        still counts."""
+        unknown = [i for i in dict.fromkeys(image_ids) if not session.is_seen(i)]
+        if unknown:
+            keys = self.catalog.keys_for_ids(unknown)
+            missing = [i for i, key in zip(unknown, keys, strict=True) if key is None]
+            if missing:
+                raise UnknownItemError(missing[0])
 
     def steer_with(self, stored: StoredFeedback) -> FeedbackResult:
         """``feedback``'s second half: steer the session with the events just stored (each

@@ -371,6 +371,13 @@ def test_feedback_errors(client: TestClient, tiny: TinyCatalog) -> None:
     assert 400 <= response.status_code < 500
     too_big = {"session_id": session, "events": [{**good, "event_id": "x" * 100}] * 700}
     assert_error(post(too_big), 413, "body_too_large")
+    # an image the catalog does not hold: the whole batch is refused, nothing stored
+    junk = {"event_id": "junk", "image_id": "../../nope", "dwell_ms": 10}
+    assert_error(post({"session_id": session, "events": [good, junk]}), 404, "unknown_image")
+    assert post({"session_id": session, "events": [good]}).json() == {
+        "accepted": 1,
+        "duplicates": 0,
+    }
 
 
 def test_feedback_is_durable_across_restarts(tiny: TinyCatalog) -> None:
