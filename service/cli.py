@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from indexer.errors import CatalogError, LookalikeError
 from service.settings import Settings
@@ -23,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[env LOOKALIKE_PORT]" is no markup tag
 )
 
 CatalogOption = Annotated[
@@ -78,6 +80,9 @@ def settings_from(**given: Any) -> Settings:
     """Environment settings, overridden by the options actually given on the command line."""
     try:
         return Settings(**{k: v for k, v in given.items() if v is not None})
+    except SettingsError as exc:  # a LOOKALIKE_* variable its field cannot parse
+        typer.echo(f"error: invalid setting: {exc}", err=True)
+        raise typer.Exit(2) from None
     except ValidationError as exc:  # a bad option or LOOKALIKE_* variable: say which, no trace
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
@@ -348,6 +353,7 @@ def score(
 taste_app = typer.Typer(
     help="Collaborative taste: user taste vectors fitted from dwell feedback.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(taste_app, name="taste")
 
@@ -446,10 +452,11 @@ def taste_show(
 
 
 def run_server(settings: Settings, what: str) -> None:
-    """Open the engine (errors surface here, before listening), then serve until interrupted:
-    in this process, or in ``settings.workers`` worker processes that open it again."""
+    """Open the engine (errors surface here, before listening), listen, then serve until
+    interrupted: in this process, or in ``settings.workers`` worker processes that open it
+    again."""
     from service.app import configure_logging, open_engine, serve_engine
-    from service.workers import serve_workers
+    from service.workers import listening_sockets, serve_workers
 
     configure_logging(json_lines=settings.log_json, access_log=settings.access_log)
     engine = open_engine(settings)
@@ -461,18 +468,27 @@ def run_server(settings: Settings, what: str) -> None:
                 "open: serve it with --workers 1, or from a Milvus server (--milvus-uri)"
             )
         items = engine.stats().get("items", 0)
-        url = f"http://{_url_host(settings.host)}:{settings.port}"
+        try:  # before saying where it serves: a port in use is an error, not a URL
+            socks = listening_sockets(settings.host, settings.port, settings.workers)
+        except OSError as exc:
+            typer.echo(
+                f"error: cannot listen on {settings.host} port {settings.port}: {exc}", err=True
+            )
+            raise typer.Exit(1) from None
+        port = socks[0].getsockname()[1]  # the one the system chose for port 0
+        url = f"http://{_url_host(settings.host)}:{port}"
         workers = f", {settings.workers} worker processes" if settings.workers > 1 else ""
         typer.echo(
             f"lookalike: serving {what} ({items} images{workers}) at {url}  (API docs: {url}/docs)"
         )
         if settings.workers == 1:
-            serve_engine(settings, engine)
+            with socks[0]:
+                serve_engine(settings, engine, socks[0])
             return
     finally:
         engine.close()
     # Each worker opens the catalog again (checked, and upgraded if it needed it, above).
-    status = serve_workers(settings)
+    status = serve_workers(settings, socks)
     if status:
         raise typer.Exit(status)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from indexer.pipeline import default_decode_workers
 from indexer.vector_index import IndexPolicy
@@ -84,8 +85,10 @@ class Settings(BaseSettings):
     trust_forwarded_for: bool = Field(
         default=False, description="identify clients by X-Forwarded-For (behind a trusted proxy)"
     )
-    cors_origins: list[str] = Field(
-        default_factory=list, description="origins allowed to call the API from a browser"
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins allowed to call the API from a browser: comma-separated "
+        "(https://a.example,https://b.example) or a JSON list",
     )
     image_url_fetch: bool = Field(
         default=False, description="let /knn-service fetch `image_url` (public addresses only)"
@@ -144,6 +147,16 @@ class Settings(BaseSettings):
                 "process that made it only): use --workers 1, or --generator none"
             )
         return self
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins_from_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)  # a JSON error becomes a validation error
+            return [origin.strip() for origin in text.split(",") if origin.strip()]
+        return value
 
     @field_validator("cors_origins")
     @classmethod

@@ -462,15 +462,11 @@ async def peering(owners: PeerOwners, server: PeerServer) -> AsyncIterator[None]
         await owners.close()
 
 
-def serve_workers(settings: Settings) -> int:
-    """Run ``settings.workers`` worker processes listening on one port until SIGINT or
-    SIGTERM (or a worker's unexpected exit); returns the exit status. The main loop of the
-    ``serve`` process: it keeps its signal handlers when it returns."""
-    try:
-        socks = listening_sockets(settings.host, settings.port, settings.workers)
-    except OSError as exc:  # as uvicorn does for one process: say so, exit 1
-        log.error("cannot listen on %s port %d: %s", settings.host, settings.port, exc)
-        return 1
+def serve_workers(settings: Settings, socks: list[socket.socket]) -> int:
+    """Run ``settings.workers`` worker processes on ``socks`` (``listening_sockets``, which
+    they are handed and this process closes) until SIGINT or SIGTERM (or a worker's
+    unexpected exit); returns the exit status. The main loop of the ``serve`` process: it
+    keeps its signal handlers when it returns."""
     run_dir = Path(tempfile.mkdtemp(prefix="lookalike-workers-"))  # mode 0700
     authkey = os.urandom(32)
     context = multiprocessing.get_context("spawn")
@@ -534,8 +530,9 @@ def _worker_main(settings: Settings, shard: Shard, sock: socket.socket) -> None:
 
 
 def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
-    """The workers' listening sockets, one each where Linux balances connections between
-    sockets bound with SO_REUSEPORT (else one socket they all share).
+    """The listening sockets of ``count`` serving processes: one for a single process; for
+    workers, one each where Linux balances connections between sockets bound with
+    SO_REUSEPORT (else one socket they all share). Raises OSError (a port in use).
 
     On a shared socket, the worker that wakes first accepts every connection pending, so the
     few keep-alive connections of a client or a proxy land mostly in one worker (7 or 8 of 8
@@ -543,7 +540,7 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     socket each, the kernel spreads connections over the workers by a hash of their addresses.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    balanced = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+    balanced = count > 1 and sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
     socks: list[socket.socket] = []
     try:
         for _ in range(count if balanced else 1):

@@ -706,6 +706,30 @@ def test_serve_reports_a_missing_catalog(
 
 
 @pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_port_in_use_says_so_instead_of_announcing_a_url(
+    tiny: TinyCatalog,
+    workers: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import socket
+
+    from service import cli
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        argv = ["lookalike", "serve", "--catalog", str(tiny.catalog), "--port", port]
+        monkeypatch.setattr(sys, "argv", [*argv, "--workers", workers])
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+    assert exited.value.code == 1
+    out = capsys.readouterr()
+    assert f"cannot listen on 127.0.0.1 port {port}" in out.err
+    assert "serving" not in out.out  # no URL that leads to whatever holds the port
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_demo_builds_when_missing_then_serves(
     tiny: TinyCatalog, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

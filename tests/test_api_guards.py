@@ -206,9 +206,28 @@ def test_unknown_route_and_method_use_the_error_shape(client: TestClient) -> Non
 # --------------------------------------------------------------------------- settings
 
 
-def test_settings_refuse_a_wildcard_cors_origin() -> None:
+def test_settings_refuse_a_wildcard_cors_origin(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="explicitly"):
         Settings.model_validate({"cors_origins": ["*"]})
+    monkeypatch.setenv("LOOKALIKE_CORS_ORIGINS", "https://a.example,*")
+    with pytest.raises(ValueError, match="explicitly"):
+        Settings()
+
+
+def test_cors_origins_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a person types (one origin, a comma-separated list) as well as a JSON list; it
+    failed with a traceback from pydantic-settings' JSON parsing of list fields."""
+    for text, origins in (
+        ("https://a.example", ["https://a.example"]),
+        (
+            " https://a.example, https://b.example:8443 ",
+            ["https://a.example", "https://b.example:8443"],
+        ),
+        ('["https://c.example"]', ["https://c.example"]),
+        ("", []),
+    ):
+        monkeypatch.setenv("LOOKALIKE_CORS_ORIGINS", text)
+        assert Settings().cors_origins == origins
 
 
 # --------------------------------------------------------------------------- SSRF guard
