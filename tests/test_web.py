@@ -349,3 +349,29 @@ def test_dwell_pauses_after_30_s_without_input(
     assert max(dwell) >= 20_000, dwell
     assert errors == [], errors
     context.close()
+
+
+def test_a_scroll_goes_on_when_the_server_forgot_its_session(
+    live: LiveServer, browser: Any, tmp_path: Path
+) -> None:
+    """A restart (sessions live in memory) or an expired session: the page runs its search
+    again and scrolls on in the new session, showing nothing twice, instead of offering a
+    "Try again" that fails forever."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    errors = watch_console(page)
+    page.goto(live.url)
+    page.set_input_files("#file-input", str(query_image(tmp_path / "mine.png")))
+    page.wait_for_selector(".tile.loaded")
+    first = page.evaluate("window.lookalike.session")
+    shown = len(tile_ids(page))
+    live.app.state.engine.delete_session(first)  # what a restart does to every session
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    page.wait_for_function(f"window.lookalike.session && window.lookalike.session !== '{first}'")
+    page.wait_for_function(f"document.querySelectorAll('.tile').length > {shown}")
+    ids = [i for i, _ in tile_ids(page)]
+    assert len(ids) == len(set(ids)), "the resumed scroll showed an image twice"
+    assert page.locator("[data-retry]").count() == 0
+    # the 404 that started it is the browser's own log line, not the page's
+    assert [e for e in errors if "status of 404" not in e] == [], errors
+    context.close()

@@ -201,8 +201,9 @@ class DwellTracker {
  * A failed request is retried with the same event ids (the server counts an id once).
  */
 class FeedbackQueue {
-  constructor(onAck) {
+  constructor(onAck, resolve = (session) => session) {
     this.onAck = onAck; // (sessionId, {accepted, duplicates}) => void
+    this.resolve = resolve; // the session an event of an ended one goes to now (see resumeSession)
     this.pending = [];
     this.sent = 0; // events handed to fetch or sendBeacon, retries not counted
     setInterval(() => this.flush(), CONFIG.flushMs);
@@ -217,7 +218,8 @@ class FeedbackQueue {
   flush({ beacon = false } = {}) {
     if (!this.pending.length) return;
     const bySession = new Map();
-    for (const { session, event } of this.pending.splice(0)) {
+    for (const { session: given, event } of this.pending.splice(0)) {
+      const session = this.resolve(given);
       if (!bySession.has(session)) bySession.set(session, []);
       bySession.get(session).push(event);
     }
@@ -363,12 +365,14 @@ const state = {
   ended: false,
   queryUrl: null, // object URL of the dropped image, revoked on the next search
   viewing: null,
+  request: null, // the search that started this scroll: run again if the server forgot it
+  resumed: new Map(), // ended session -> the one that took over its scroll
 };
 
 const masonry = new Masonry(ui.feed);
 const queue = new FeedbackQueue((session, result) => {
   if (session === state.session && result.accepted > 0) refreshTerms();
-});
+}, (session) => state.resumed.get(session) ?? session);
 const tracker = new DwellTracker((session, imageId, ms) => queue.add(session, imageId, ms));
 
 // -- status line and toasts
@@ -432,6 +436,8 @@ async function search(request, preview) {
   resetFeed();
   showQuery(preview);
   state.session = null;
+  state.request = request;
+  state.resumed.clear();
   state.loading = true;
   ui.feed.innerHTML = skeleton(); // where the first page will be: its tiles take its place
   setStatus("loading");
@@ -460,6 +466,7 @@ function goHome() {
   queue.flush();
   masonry.clear();
   state.session = null;
+  state.request = null;
   showQuery({});
   setStatus("idle");
   ui.results.hidden = true;
@@ -514,6 +521,9 @@ function addPage(page, { first = false } = {}) {
   if (fresh.length) {
     setStatus("idle");
     requestAnimationFrame(maybeLoadMore);
+  } else if (page.items.length) {
+    // All shown already: a resumed session's first pages repeat what its predecessor served.
+    setTimeout(loadMore);
   } else if (page.generating) {
     setStatus("generating", `<span class="spinner" aria-hidden="true"></span><p>Generating more like this…</p>`);
     setTimeout(loadMore, CONFIG.generatingPollMs);
@@ -550,6 +560,34 @@ async function loadMore() {
       setTimeout(loadMore, (error.retryAfter ?? 2) * 1000);
       return;
     }
+    if (error instanceof ApiError && error.code === "unknown_session" && state.request) {
+      resumeSession(token);
+      return;
+    }
+    setStatus("error", `<p>${escapeHtml(explain(error))}</p><button type="button" class="btn" data-retry>Try again</button>`);
+  }
+}
+
+/**
+ * The server no longer knows this scroll's session (it restarted, or the session expired while
+ * the tab idled): run the search that started it again and go on in the new session, skipping
+ * what this page shows already. Looks still to be reported go to the new session.
+ */
+async function resumeSession(token) {
+  const ended = state.session;
+  state.loading = true;
+  try {
+    const page = await api("/v1/search", { method: "POST", ...state.request });
+    if (token !== state.token) return;
+    state.session = page.session_id;
+    state.resumed.set(ended, page.session_id);
+    for (const [old, now] of state.resumed) if (now === ended) state.resumed.set(old, page.session_id);
+    state.loading = false;
+    toast("The server lost this scroll's session: it goes on from your search.");
+    addPage(page);
+  } catch (error) {
+    if (token !== state.token) return;
+    state.loading = false;
     setStatus("error", `<p>${escapeHtml(explain(error))}</p><button type="button" class="btn" data-retry>Try again</button>`);
   }
 }
