@@ -561,6 +561,34 @@ class Catalog:
         self._sync_attributes([int(row[0])])
         return True
 
+    def rename(self, old_id: str, new_id: str) -> bool:
+        """Store the item ``old_id`` under ``new_id`` from now on, keeping ``old_id`` as an
+        alias of it (links and feedback that name it still find it). False, and nothing
+        changed, when there is no ``old_id`` item or ``new_id`` names another item."""
+        with self._lock, translate_disk_full("renaming an item"), self._conn:
+            row = self._conn.execute(
+                "SELECT key, file, file_size, file_mtime_ns FROM items WHERE id = ?", (old_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            key = int(row[0])
+            taken = self._conn.execute(
+                "SELECT key FROM items WHERE id = ? UNION ALL "
+                "SELECT of_key FROM duplicates WHERE id = ?",
+                (new_id, new_id),
+            ).fetchall()
+            if any(int(k) != key for (k,) in taken):
+                return False
+            # An alias of this very item (an earlier run's) makes way for the item itself.
+            self._conn.execute("DELETE FROM duplicates WHERE id = ?", (new_id,))
+            self._conn.execute("UPDATE items SET id = ? WHERE key = ?", (new_id, key))
+            self._conn.execute(
+                "INSERT OR REPLACE INTO duplicates VALUES (?, ?, ?, ?, ?)", (old_id, *row)
+            )
+            self._bump_generation()
+        self._forget([key])
+        return True
+
     def add_duplicate(self, item_id: str, of_key: int, file: str, size: int, mtime_ns: int) -> None:
         """Record ``item_id`` as an exact duplicate of the stored item ``of_key``."""
         with self._lock, translate_disk_full("recording a duplicate"), self._conn:

@@ -155,6 +155,12 @@ def normalise_tags(value: Any) -> tuple[str, ...]:
     return tuple(tags)
 
 
+def bare_id(rel: str) -> str:
+    """The id a bare image gets: its path under the dump root (``/``-separated) without the
+    extension."""
+    return rel[: rel.rfind(".")]
+
+
 def _checked_root(root: Path) -> Path:
     try:
         resolved = Path(root).resolve(strict=True)
@@ -439,7 +445,7 @@ class _DumpWalker:
             if path is None:
                 yield SkippedEntry(rel, "outside_root", "symlink leaves the dump")
                 continue
-            ident = rel[: rel.rfind(".")]
+            ident = bare_id(rel)
             if ident in self.seen_ids:
                 yield SkippedEntry(rel, "duplicate_id", f"id {ident} was read before")
                 continue

@@ -18,6 +18,7 @@ from PIL import Image
 from indexer.catalog import Catalog
 from indexer.encoders import create_encoder
 from indexer.encoders.base import ImageEncoder
+from indexer.filters import Filters
 from indexer.pipeline import PipelineConfig, Shard, encode_batch, index_dump
 from indexer.sample_dump import write_sample_dump
 from tests.fakes import HashTextEncoder, fake_encoders, specs
@@ -74,6 +75,44 @@ def test_rerun_processes_only_new_or_changed_files(sample_dump: Path, tmp_path: 
     catalog, third = run_index(dump, tmp_path / "cat")
     assert third.indexed == 1  # type: ignore[attr-defined]
     assert len(catalog) == first.indexed  # type: ignore[attr-defined]
+
+
+def test_metadata_that_arrives_after_its_images_were_indexed_bare_is_taken(
+    tmp_path: Path,
+) -> None:
+    """Images downloaded before their JSON pages (or a page that could not be read until it
+    was fixed): the re-run gives the items their records' ids and metadata, as a fresh index
+    of the same dump would, and the bare ids stay as aliases."""
+    dump = tmp_path / "dump"
+    (dump / "images").mkdir(parents=True)
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    for n, colour in enumerate(colours, start=1):
+        Image.new("RGB", (32, 32), colour).save(dump / "images" / f"{n}.jpeg")
+    catalog, first = run_index(dump, tmp_path / "cat")
+    assert first.indexed == 3  # type: ignore[attr-defined]
+    assert catalog.item("images/1") is not None and catalog.item("images/1").nsfw_level == 0
+    catalog.close()
+
+    page = {
+        "items": [
+            {"id": n, "nsfwLevel": "X", "meta": {"prompt": f"late prompt {n}"}, "tags": ["late"]}
+            for n in (1, 2, 3)
+        ]
+    }
+    (dump / "page.json").write_text(json.dumps(page))
+    catalog, second = run_index(dump, tmp_path / "cat")
+    assert second.indexed == 0 and second.metadata_updated == 3  # type: ignore[attr-defined]
+    assert len(catalog) == 3
+    for n in (1, 2, 3):
+        item = catalog.item(str(n))
+        assert item is not None and item.id == str(n)
+        assert (item.prompt, item.nsfw_level, item.tags) == (f"late prompt {n}", 3, ("late",))
+        assert catalog.key_for_id(f"images/{n}") == catalog.key_for_id(str(n))  # an alias now
+    safe_only = catalog.allowed_mask(Filters(max_nsfw_level=0))  # filters see the new level
+    assert safe_only is not None and not safe_only.any()
+    catalog.close()
+    catalog, third = run_index(dump, tmp_path / "cat")
+    assert (third.indexed, third.unchanged, third.metadata_updated) == (0, 3, 0)  # type: ignore[attr-defined]
 
 
 def test_shards_partition_the_dump(sample_dump: Path, tmp_path: Path) -> None:
