@@ -240,7 +240,15 @@ class SearchOut(FeedOut):
 
 
 class EventIn(Strict):
-    event_id: Annotated[str, Field(min_length=1, max_length=128)]
+    event_id: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=128,
+            description="a unique id of this look (a UUID): an id the catalog holds already, "
+            "from any session, counts as a duplicate, so a retried request counts once",
+        ),
+    ]
     image_id: Id
     dwell_ms: Annotated[float, Field(ge=0, le=MAX_DWELL_MS, allow_inf_nan=False)]
 
