@@ -28,20 +28,22 @@ class VocabularyConfig:
     """Bounds and weights of a ``LocalVocabulary``.
 
     ``decay``: factor applied by ``decay()`` (the engine calls it once per feedback batch).
+    ``max_muted``: muted terms kept; muting one more lets the one muted longest ago back.
     ``tag_weight`` / ``term_weight``: multipliers for curated tags and for words mined from
     prompts. Entries whose weight falls below ``min_weight`` are dropped.
     """
 
     max_prompts: int = 32
     max_terms: int = 256
+    max_muted: int = 256  # bounds what a client can make a session hold by muting
     decay: float = 0.85
     tag_weight: float = 1.0
     term_weight: float = 0.5
     min_weight: float = 1e-3
 
     def __post_init__(self) -> None:
-        if self.max_prompts < 1 or self.max_terms < 1:
-            raise ValueError("max_prompts and max_terms must be >= 1")
+        if self.max_prompts < 1 or self.max_terms < 1 or self.max_muted < 1:
+            raise ValueError("max_prompts, max_terms and max_muted must be >= 1")
         if not 0.0 < self.decay <= 1.0:
             raise ValueError("decay must be in (0, 1]")
 
@@ -57,7 +59,7 @@ class LocalVocabulary:
         self.config = config or VocabularyConfig()
         self._prompts: list[tuple[NDArray[np.float64], float]] = []
         self._terms: dict[str, float] = {}
-        self._muted: set[str] = set()
+        self._muted: dict[str, None] = {}  # in the order they were muted
 
     def add(
         self,
@@ -98,11 +100,14 @@ class LocalVocabulary:
         """Stop ``term`` pulling the feed: drop its weight and refuse it from now on."""
         t = normalise_term(term)
         if t:
-            self._muted.add(t)
+            self._muted.pop(t, None)
+            self._muted[t] = None
+            while len(self._muted) > self.config.max_muted:
+                del self._muted[next(iter(self._muted))]
             self._terms.pop(t, None)
 
     def unmute(self, term: str) -> None:
-        self._muted.discard(normalise_term(term))
+        self._muted.pop(normalise_term(term), None)
 
     @property
     def muted(self) -> frozenset[str]:

@@ -38,9 +38,9 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from recommender.engine import Engine, one_blas_thread
+from recommender.engine import Engine, EngineConfig, one_blas_thread
 from recommender.generate import make_generator
-from recommender.sessions import SessionOwners
+from recommender.sessions import SessionConfig, SessionOwners
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import (
@@ -110,10 +110,12 @@ def open_engine(settings: Settings, owners: SessionOwners | None = None) -> Engi
     generator = make_generator(
         settings.generator, settings.generation_config(), diffusers_config=diffusers_config
     )
+    sessions = SessionConfig(ttl_s=settings.session_ttl_s, max_sessions=settings.max_sessions)
     return Engine.from_catalog(
         settings.catalog,
         device=settings.device,
         dtype=settings.dtype,
+        config=EngineConfig(sessions=sessions),
         generator=generator,
         store=settings.store_config(),
         policy=settings.index_policy(),

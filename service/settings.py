@@ -60,6 +60,17 @@ class Settings(BaseSettings):
         "sessions whose ids name it (service/workers.py)",
     )
 
+    session_ttl_s: float = Field(
+        default=3600.0, gt=0, description="a session idle this long ends (sessions live in memory)"
+    )
+    max_sessions: int = Field(
+        default=1000,
+        ge=1,
+        le=10_000_000,
+        description="live sessions a serving process keeps (the least recently used one ends "
+        "past it); a session with full steering histories holds about 1 MB",
+    )
+
     # -- HTTP service -------------------------------------------------------------------------
     max_upload_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1024, description="body limit of /v1/search, /knn-service"

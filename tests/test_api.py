@@ -186,6 +186,15 @@ def test_session_info_mute_delete(client: TestClient, tiny: TinyCatalog) -> None
     assert_error(client.delete(f"/v1/sessions/{session}"), 404, "unknown_session")
 
 
+def test_session_bounds_come_from_the_settings(tiny: TinyCatalog) -> None:
+    with TestClient(create_app(settings_for(tiny, max_sessions=2))) as small:
+        first, second, third = (
+            small.post("/v1/sessions", json={}).json()["session_id"] for _ in range(3)
+        )
+        assert_error(small.get(f"/v1/sessions/{first}"), 404, "unknown_session")  # evicted
+        assert small.get(f"/v1/sessions/{third}").status_code == 200
+
+
 def test_session_errors(client: TestClient) -> None:
     assert_error(client.get("/v1/sessions/nope"), 404, "unknown_session")
     assert_error(client.post("/v1/sessions/nope/mute", json={"term": "red"}), 404)

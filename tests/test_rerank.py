@@ -83,6 +83,15 @@ def test_vocabulary_mute_removes_and_refuses_a_term() -> None:
     assert vocab.top_terms(1) == [("cat", 5.0)]
 
 
+def test_muted_terms_are_bounded_the_oldest_let_back_first() -> None:
+    vocab = LocalVocabulary(VocabularyConfig(max_muted=3))
+    for term in ("a1", "b2", "c3", "a1", "d4"):  # muting again refreshes a term
+        vocab.mute(term)
+    assert vocab.muted == frozenset({"c3", "a1", "d4"})
+    vocab.add(None, tags=["b2"], weight=1.0)  # no longer muted: it pulls again
+    assert vocab.top_terms(1) == [("b2", 1.0)]
+
+
 def test_vocabulary_is_bounded() -> None:
     vocab = LocalVocabulary(VocabularyConfig(max_prompts=3, max_terms=4))
     for i in range(10):
