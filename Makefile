@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   installs into .venv, builds a sample catalog (offline profile) and serves it
-#   make test   installs dev tools into .venv, then runs ruff, mypy and the tests
+#   make demo   installs lookalike into .venv, builds a sample catalog (offline profile), serves it
+#   make test   also installs the test tools into .venv, then runs ruff, mypy and the tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,8 +14,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# What `lookalike` needs to run (the demo): no test tools, no optional back ends.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# The tests' tools and the optional back ends they cover (diffusers, Milvus).
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]'
 	# Only for the compatibility test with clip-retrieval's ClipClient (its deps are heavy).
 	$(BIN)/pip install -q --no-deps clip-retrieval==2.45.0
@@ -26,17 +32,19 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+install-dev: $(VENV)/.installed-dev
+
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/lookalike demo --port $(PORT)
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check indexer recommender service tests benchmarks
 	$(BIN)/ruff format --check indexer recommender service tests benchmarks
 
-typecheck: install
+typecheck: install-dev
 	$(BIN)/mypy
 
-unit: install
+unit: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 
 test: lint typecheck unit
