@@ -6,6 +6,7 @@ answers use the same JSON error shape as the routes (``service.errors.error_body
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -48,24 +49,35 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 # --------------------------------------------------------------------------- body limit
 
 
-class _BodyTooLarge(Exception):
-    """Raised into the app from ``receive`` once the streamed body passes the limit."""
+BODY_IDLE_TIMEOUT_S = 30.0  # the longest wait for the next piece of a request body
+
+
+class _BodyRefused(Exception):
+    """Raised into the app from ``receive`` once the body passed the limit or stalled."""
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over a per-path limit with 413, before they are buffered.
+    """Refuse request bodies over a per-path limit with 413, before they are buffered, and
+    bodies that stall with 408.
 
     A declared ``Content-Length`` over the limit is refused without reading a byte; a body
-    streamed without one (chunked) is counted as it arrives and cut off at the limit. Whatever
-    the app made of the aborted read, the client gets the 413.
+    streamed without one (chunked) is counted as it arrives and cut off at the limit. A body
+    whose next piece takes over ``idle_timeout_s`` to come is given up (a client that declares
+    more than it sends would hold its connection, and what it sent, for ever). Whatever the
+    app made of the aborted read, the client gets the 413 or the 408.
     """
 
     def __init__(
-        self, app: ASGIApp, limit_for: Callable[[str], int], metrics: Metrics | None = None
+        self,
+        app: ASGIApp,
+        limit_for: Callable[[str], int],
+        metrics: Metrics | None = None,
+        idle_timeout_s: float = BODY_IDLE_TIMEOUT_S,
     ) -> None:
         self.app = app
         self.limit_for = limit_for
         self.metrics = metrics
+        self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,25 +96,35 @@ class BodyLimitMiddleware:
                 return
 
         received = 0
-        exceeded = False
+        body_done = False
+        refusal: tuple[int, str, str] | None = None  # status, code, message
         started = False
 
         async def counting_receive() -> Message:
-            nonlocal received, exceeded
-            if exceeded:
-                raise _BodyTooLarge
-            message = await receive()
+            nonlocal received, body_done, refusal
+            if refusal is not None:
+                raise _BodyRefused
+            if body_done:  # a later receive waits for the client to leave: no time limit
+                return await receive()
+            try:
+                async with asyncio.timeout(self.idle_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                wait = f"{self.idle_timeout_s:g} s"
+                refusal = (408, "body_timeout", f"the request body stalled for over {wait}")
+                raise _BodyRefused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
-                    exceeded = True
-                    raise _BodyTooLarge
+                    refusal = (413, "body_too_large", f"request body over {limit} bytes")
+                    raise _BodyRefused
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if exceeded:
-                return  # the app's answer to the aborted read is replaced by the 413
+            if refusal is not None:
+                return  # the app's answer to the aborted read is replaced by ours
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -110,10 +132,10 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, counting_receive, guarded_send)
         except Exception:
-            if not exceeded:
+            if refusal is None:
                 raise
-        if exceeded and not started:
-            await self._refuse_size(send, limit)
+        if refusal is not None and not started:
+            await self._refuse(send, *refusal)
 
     async def _refuse_size(self, send: Send, limit: int) -> None:
         await self._refuse(send, 413, "body_too_large", f"request body over {limit} bytes")

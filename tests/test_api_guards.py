@@ -128,6 +128,79 @@ def test_streamed_body_over_the_limit_is_cut_off() -> None:
     assert pulled == LIMIT // 100 + 1  # reading stopped at the limit, not at 100 kB
 
 
+def _http_scope(path: str) -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-length", b"1000")],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+        "state": {},
+    }
+
+
+def test_a_body_that_stalls_is_given_up_with_408() -> None:
+    """A client that declares more than it sends held its connection for ever."""
+    app = guarded_app(Metrics())
+    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: LIMIT, idle_timeout_s=0.2)
+    sent: list[dict[str, Any]] = []
+    chunks = [{"type": "http.request", "body": b"{", "more_body": True}]
+
+    async def receive() -> Message:
+        if chunks:
+            return chunks.pop()
+        await anyio.sleep(3600)  # the rest never comes
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(dict(message))
+
+    async def call() -> None:
+        with anyio.fail_after(5):
+            await app(_http_scope("/echo"), receive, send)
+
+    anyio.run(call)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
+    assert b"body_timeout" in sent[1]["body"]
+
+
+def test_waiting_for_the_client_after_the_body_is_not_timed() -> None:
+    """Once the body is in, a receive waits for the client to leave (streamed answers do)."""
+    sent: list[dict[str, Any]] = []
+
+    async def inner(scope: Scope, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        assert (await receive())["type"] == "http.disconnect"  # after longer than the limit
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    messages = [
+        {"type": "http.request", "body": b"x", "more_body": True},
+        {"type": "http.request", "body": b"y", "more_body": False},
+    ]
+
+    async def receive() -> Message:
+        if messages:
+            return messages.pop(0)
+        await anyio.sleep(0.5)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(dict(message))
+
+    guarded = BodyLimitMiddleware(inner, limit_for=lambda path: LIMIT, idle_timeout_s=0.2)
+    anyio.run(guarded, _http_scope("/x"), receive, send)
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b"done"
+
+
 def test_streamed_multipart_over_the_limit_is_413_not_400(client: TestClient) -> None:
     def chunks() -> Iterator[bytes]:
         yield b'--b\r\nContent-Disposition: form-data; name="f"; filename="a"\r\n\r\n'
