@@ -563,12 +563,21 @@ def _record(item: dict[str, Any], ident: str, path: Path) -> DumpRecord:
     if _FLAT_KEY in item:
         return _flat_record(item, ident, path)
     meta = _unwrap_meta(item.get("meta"))
+    prompt = normalise_prompt(meta.get("prompt", item.get("prompt")))
+    negative = normalise_prompt(meta.get("negativePrompt", item.get("negativePrompt")))
+    if prompt is None:
+        # civitai gives meta: null for many images whose files still carry their prompt (an
+        # AUTOMATIC1111 or ComfyUI chunk): read it there, as for a bare image.
+        embedded = read_embedded_metadata(path)
+        prompt = normalise_prompt(embedded.prompt)
+        negative = negative or normalise_prompt(embedded.negative_prompt)
+        meta = meta or dict(embedded.params)
     return DumpRecord(
         id=ident,
         image_path=path,
         url=_opt_str(item.get("url")),
-        prompt=normalise_prompt(meta.get("prompt", item.get("prompt"))),
-        negative_prompt=normalise_prompt(meta.get("negativePrompt", item.get("negativePrompt"))),
+        prompt=prompt,
+        negative_prompt=negative,
         tags=normalise_tags(item.get("tags")),
         nsfw_level=_nsfw_level(item),
         base_model=_opt_str(item.get("baseModel") or meta.get("baseModel")),

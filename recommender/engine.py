@@ -392,7 +392,11 @@ class Engine:
         """Plain nearest neighbours (no session, no re-rank), for clip-retrieval clients."""
         if isinstance(query, np.ndarray):
             target = space or ("clip" if "clip" in self.spaces else self.primary_space)
-            vector = unit(query)
+            raw = np.asarray(query, dtype=np.float64)
+            peak = float(np.max(np.abs(raw))) if raw.size else 0.0
+            if not (np.isfinite(peak) and peak > 0):  # no direction to search in
+                raise UnsupportedQueryError("the embedding must be finite and not all zeros")
+            vector = unit(raw / peak)  # scaled first: 1e308s would overflow the norm
             if vector.shape[0] != self.catalog.indexes[target].dim:
                 raise UnsupportedQueryError(
                     f"embedding has {vector.shape[0]} dimensions; the {target} space has "

@@ -478,6 +478,13 @@ def test_knn_service_errors(client: TestClient) -> None:
 
     assert_error(post({"text": "x", "indice_name": "laion5B"}), 404, "unknown_index")
     assert_error(post({"embedding_input": [0.1] * 7, "indice_name": "visual"}), 422)
+    zeros = post({"embedding_input": [0.0] * 289, "indice_name": "visual"})  # no direction
+    assert "finite and not all zeros" in assert_error(zeros, 422)["error"]["message"]
+    # huge or tiny values are a direction like any other (they overflowed float32 to inf)
+    for scale in (1e308, 1e-30):
+        got = post({"embedding_input": [scale] * 289, "indice_name": "visual", "num_images": 3})
+        assert got.status_code == 200 and len(got.json()) == 3
+        assert all(0 < abs(hit["similarity"]) <= 1.0001 for hit in got.json())
     assert_error(post({"image_url": "http://127.0.0.1/x.png"}), 403, "image_url_disabled")
     assert_error(post({}), 422, "invalid_request")
     assert_error(post({"text": "x", "image": "abc"}), 422, "invalid_request")

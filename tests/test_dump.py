@@ -327,6 +327,33 @@ def test_bare_images_with_embedded_metadata(tmp_path: Path) -> None:
     assert records["plain"].prompt is None
 
 
+def test_an_item_without_meta_takes_the_prompt_its_file_carries(tmp_path: Path) -> None:
+    root = tmp_path / "dump"
+    a1111_png(
+        root / "201.png",
+        "a violet moon\nNegative prompt: dull\nSteps: 9, Sampler: Euler a, CFG scale: 7, "
+        "Seed: 5, Model: juggernaut",
+    )
+    write_image(root / "202.png")
+    write_image(root / "203.png")
+    items = [
+        api_item(201, meta=None),
+        api_item(202, meta=None),
+        api_item(203, meta={"prompt": "from the page"}),
+    ]
+    write_json(root / "page.json", {"items": items})
+    records, _ = read(root)
+    first = records["201"]
+    assert (first.prompt, first.negative_prompt, first.model_name) == (
+        "a violet moon",
+        "dull",
+        "juggernaut",
+    )
+    assert first.meta["Steps"] == 9
+    assert records["202"].prompt is None and records["202"].meta == {}
+    assert records["203"].prompt == "from the page"  # the page's own prompt comes first
+
+
 def test_bare_unsupported_and_hidden_files(tmp_path: Path) -> None:
     root = tmp_path / "dump"
     write_image(root / "ok.png")

@@ -62,7 +62,7 @@ def _knn(
             )
         query = ImageQuery(fetcher.fetch(body.image_url))
     else:
-        query = np.asarray(body.embedding_input, dtype=np.float32)
+        query = np.asarray(body.embedding_input, dtype=np.float64)  # checked in float64
     k = min(body.num_images, settings.max_knn_results)
     hits = engine.knn(query, space=body.indice_name, k=k)
     return [KnnResult.of(hit, base_url) for hit in hits]
