@@ -1,12 +1,12 @@
 """The FastAPI application: ``create_app(settings, engine=None)`` builds everything once.
 
-Middlewares, outermost first: metrics and access log, CORS (only when origins are configured),
-per-client rate limit, request-body limit. The engine is opened in the ``lifespan`` (unless one
-is given, which the caller then owns). Blocking engine calls run in the thread pool, except the
-short ones for a session this process holds (feed, session info, mute, delete, and feedback's
-steering once its commit is done): those run on the event loop's thread
-(``routes.deps.for_session``, ``routes.deps.feedback_here``). Those same calls for a session
-another worker process holds are awaited on the loop while that worker runs them
+Middlewares, outermost first: metrics and access log, HEAD answered as GET, CORS (only when
+origins are configured), per-client rate limit, request-body limit. The engine is opened in the
+``lifespan`` (unless one is given, which the caller then owns). Blocking engine calls run in
+the thread pool, except the short ones for a session this process holds (feed, session info,
+mute, delete, and feedback's steering once its commit is done): those run on the event loop's
+thread (``routes.deps.for_session``, ``routes.deps.feedback_here``). Those same calls for a
+session another worker process holds are awaited on the loop while that worker runs them
 (``service/workers.py``).
 """
 
@@ -45,6 +45,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import (
     BodyLimitMiddleware,
+    HeadAsGetMiddleware,
     MetricsMiddleware,
     RateLimitMiddleware,
     TokenBuckets,
@@ -266,6 +267,7 @@ def create_app(
             allow_headers=["Content-Type"],
             max_age=600,
         )
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

@@ -46,6 +46,31 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+# --------------------------------------------------------------------------- HEAD
+
+
+class HeadAsGetMiddleware:
+    """Answer HEAD as the GET of the same URL without its body (status and headers alike):
+    uptime checks, proxies and ``curl -I`` use it, and FastAPI's routes take GET only."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if not message.get("more_body", False):
+                    await send({"type": "http.response.body", "body": b""})
+                return
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 # --------------------------------------------------------------------------- body limit
 
 

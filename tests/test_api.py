@@ -442,6 +442,12 @@ def test_image_bytes_and_meta(client: TestClient, tiny: TinyCatalog) -> None:
     assert_error(client.get("/v1/images/nope"), 404, "unknown_image")
     assert_error(client.get("/v1/images/nope/meta"), 404, "unknown_image")
     assert_error(client.get("/v1/images/..%2F..%2Fetc%2Fpasswd"), 404, "unknown_image")
+    # HEAD, as uptime checks and proxies send it: the GET's status and headers, no body
+    head = client.head(f"/v1/images/{item.id}")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(tiny.image_bytes(item)))
+    assert client.head("/healthz").status_code == 200
+    assert client.head("/v1/images/nope").status_code == 404
 
 
 # --------------------------------------------------------------------------- clip-retrieval
