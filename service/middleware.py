@@ -81,6 +81,11 @@ class _BodyRefused(Exception):
     """Raised into the app from ``receive`` once the body passed the limit or stalled."""
 
 
+def _too_large(limit: int) -> str:
+    size = f"{limit / 2**20:.3g} MB" if limit >= 2**20 else f"{limit / 2**10:.3g} KB"
+    return f"The request is larger than {size} ({limit} bytes), the most this server takes."
+
+
 class BodyLimitMiddleware:
     """Refuse request bodies over a per-path limit with 413, before they are buffered, and
     bodies that stall with 408.
@@ -142,7 +147,7 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
                 if received > limit:
-                    refusal = (413, "body_too_large", f"request body over {limit} bytes")
+                    refusal = (413, "body_too_large", _too_large(limit))
                     raise _BodyRefused
             return message
 
@@ -163,7 +168,7 @@ class BodyLimitMiddleware:
             await self._refuse(send, *refusal)
 
     async def _refuse_size(self, send: Send, limit: int) -> None:
-        await self._refuse(send, 413, "body_too_large", f"request body over {limit} bytes")
+        await self._refuse(send, 413, "body_too_large", _too_large(limit))
 
     async def _refuse(self, send: Send, status: int, code: str, message: str) -> None:
         if self.metrics is not None:
