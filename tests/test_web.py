@@ -375,3 +375,25 @@ def test_a_scroll_goes_on_when_the_server_forgot_its_session(
     # the 404 that started it is the browser's own log line, not the page's
     assert [e for e in errors if "status of 404" not in e] == [], errors
     context.close()
+
+
+def test_a_failed_search_leaves_the_scroll_on_screen(
+    live: LiveServer, browser: Any, tmp_path: Path
+) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    errors = watch_console(page)
+    page.goto(live.url)
+    page.set_input_files("#file-input", str(query_image(tmp_path / "mine.png")))
+    page.wait_for_selector(".tile.loaded")
+    session, tiles = page.evaluate("window.lookalike.session"), tile_ids(page)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are my notes, not a picture")
+    page.set_input_files("#file-input", str(not_an_image))
+    page.wait_for_selector("#toast:not([hidden])")
+    assert "did not work" in page.inner_text("#toast")
+    assert page.evaluate("window.lookalike.session") == session  # the old scroll goes on
+    assert tile_ids(page) == tiles
+    assert page.locator(".feed.replacing").count() == 0
+    assert [e for e in errors if "status of 415" not in e] == [], errors
+    context.close()

@@ -433,24 +433,42 @@ function resetFeed() {
 
 async function search(request, preview) {
   const token = ++state.token;
-  resetFeed();
-  showQuery(preview);
-  state.session = null;
-  state.request = request;
-  state.resumed.clear();
+  // A scroll on screen stays there until the new search answers: a failed one (a file that is
+  // not an image, say) leaves it as it was.
+  const scrolling = state.session !== null;
+  if (!scrolling) {
+    resetFeed();
+    showQuery(preview);
+    ui.feed.innerHTML = skeleton(); // where the first page will be: its tiles take its place
+  }
   state.loading = true;
-  ui.feed.innerHTML = skeleton(); // where the first page will be: its tiles take its place
   setStatus("loading");
+  ui.feed.classList.toggle("replacing", scrolling);
   try {
     const page = await api("/v1/search", { method: "POST", ...request });
     if (token !== state.token) return;
+    ui.feed.classList.remove("replacing");
+    if (scrolling) {
+      resetFeed();
+      showQuery(preview);
+    }
     state.session = page.session_id;
+    state.request = request;
+    state.resumed.clear();
     state.loading = false;
     addPage(page, { first: true });
     refreshTerms();
   } catch (error) {
     if (token !== state.token) return;
     state.loading = false;
+    ui.feed.classList.remove("replacing");
+    if (scrolling) {
+      if (preview.image?.startsWith("blob:")) URL.revokeObjectURL(preview.image);
+      setStatus("idle");
+      toast(`That search did not work: ${explain(error)}`);
+      requestAnimationFrame(maybeLoadMore);
+      return;
+    }
     masonry.clear();
     $("#panel").hidden = true;
     setStatus("error", `<p class="status-title">That search did not work</p>
