@@ -447,6 +447,8 @@ class _DumpWalker:
                 continue
             ident = bare_id(rel)
             if ident in self.seen_ids:
+                ident = rel  # x.gif beside x.webp: two images, the second named in full
+            if ident in self.seen_ids:
                 yield SkippedEntry(rel, "duplicate_id", f"id {ident} was read before")
                 continue
             self.seen_ids.add(ident)

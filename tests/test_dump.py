@@ -327,6 +327,20 @@ def test_bare_images_with_embedded_metadata(tmp_path: Path) -> None:
     assert records["plain"].prompt is None
 
 
+def test_bare_images_sharing_a_stem_are_both_read(tmp_path: Path) -> None:
+    """x.gif beside x.webp: two images (the second was skipped as a duplicate id)."""
+    root = tmp_path / "dump"
+    write_image(root / "art" / "x.gif", "red")
+    write_image(root / "art" / "x.webp", "blue")
+    records, skipped = read(root)
+    assert skipped == []
+    assert len(records) == 2 and "art/x" in records
+    (other,) = set(records) - {"art/x"}
+    assert other in ("art/x.gif", "art/x.webp")
+    assert {r.image_path.name for r in records.values()} == {"x.gif", "x.webp"}
+    assert records[other].image_path.name == other.removeprefix("art/")
+
+
 def test_an_item_without_meta_takes_the_prompt_its_file_carries(tmp_path: Path) -> None:
     root = tmp_path / "dump"
     a1111_png(
