@@ -389,12 +389,16 @@ class _DumpWalker:
             return self._locate_relative(listing, url)
         if parts.scheme == "" and url.startswith(("/", "\\")):
             return "outside_root"
-        name = unquote(parts.path.rsplit("/", 1)[-1])
+        raw = parts.path.rsplit("/", 1)[-1]
+        name = unquote(raw)
         if not _is_safe_name(name):
             return "outside_root"
-        for place in places:
-            if name in place.images:
-                return _found_or_escaped(place, name)
+        # Downloaders save a URL's file name decoded ("my image.jpeg") or as it was in the URL
+        # ("my%20image.jpeg"): either is the file.
+        for candidate in dict.fromkeys((name, raw)):
+            for place in places:
+                if candidate in place.images:
+                    return _found_or_escaped(place, candidate)
         return "missing_image"
 
     def _locate_relative(self, listing: _Listing, reference: str) -> _Found | str:

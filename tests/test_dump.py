@@ -327,6 +327,21 @@ def test_bare_images_with_embedded_metadata(tmp_path: Path) -> None:
     assert records["plain"].prompt is None
 
 
+def test_a_url_file_name_is_found_decoded_or_as_it_was(tmp_path: Path) -> None:
+    root = tmp_path / "dump"
+    write_image(root / "images" / "my%20pic.jpeg")  # saved without decoding the URL
+    write_image(root / "images" / "your pic.jpeg")
+    items = [
+        api_item(1, url="https://image.civitai.com/x/width=512/my%20pic.jpeg"),
+        api_item(2, url="https://image.civitai.com/x/width=512/your%20pic.jpeg"),
+    ]
+    write_json(root / "page.json", {"items": items})
+    records, skipped = read(root)
+    assert skipped == [] and sorted(records) == ["1", "2"]
+    assert records["1"].image_path.name == "my%20pic.jpeg"
+    assert records["2"].image_path.name == "your pic.jpeg"
+
+
 def test_bare_images_sharing_a_stem_are_both_read(tmp_path: Path) -> None:
     """x.gif beside x.webp: two images (the second was skipped as a duplicate id)."""
     root = tmp_path / "dump"
