@@ -30,6 +30,7 @@ from indexer.pipeline import PipelineConfig, index_dump
 from indexer.sample_dump import write_sample_dump
 from service.app import create_app
 from service.settings import Settings
+from tests.test_api_guards import http_scope
 
 ITEM_FIELDS = {
     "id",
@@ -634,24 +635,8 @@ def test_a_client_leaving_mid_body_is_no_server_error(
         sent: list[dict[str, Any]] = []
 
         async def call(path: str = path, sent: list[dict[str, Any]] = sent) -> None:
-            scope = {
-                "type": "http",
-                "asgi": {"version": "3.0"},
-                "http_version": "1.1",
-                "method": "POST",
-                "scheme": "http",
-                "path": path,
-                "raw_path": path.encode(),
-                "query_string": b"",
-                "root_path": "",
-                "headers": [
-                    (b"host", b"testserver"),
-                    (b"content-type", b"application/json"),
-                    (b"content-length", b"1000"),
-                ],
-                "client": ("127.0.0.1", 50000),
-                "server": ("testserver", 80),
-            }
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"1000")]
+            scope = http_scope(path, headers)
             chunks = [{"type": "http.request", "body": b'{"te', "more_body": True}]
 
             async def receive() -> dict[str, Any]:

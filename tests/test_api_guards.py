@@ -78,6 +78,25 @@ def assert_error(response: Any, status: int, code: str) -> None:
     assert body["error"]["code"] == code
 
 
+def http_scope(path: str, headers: list[tuple[bytes, bytes]] | None = None) -> Scope:
+    """An ASGI scope of a POST to ``path`` (default headers: a 1000-byte body declared)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-length", b"1000")] if headers is None else headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+        "state": {},
+    }
+
+
 # --------------------------------------------------------------------------- body limit
 
 
@@ -103,47 +122,13 @@ def test_streamed_body_over_the_limit_is_cut_off() -> None:
     async def send(message: Message) -> None:
         sent.append(dict(message))
 
-    scope: Scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/echo",
-        "raw_path": b"/echo",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"transfer-encoding", b"chunked")],
-        "client": ("127.0.0.1", 1),
-        "server": ("testserver", 80),
-        "state": {},
-    }
-
     async def call() -> None:
-        await app(scope, receive, send)
+        await app(http_scope("/echo", [(b"transfer-encoding", b"chunked")]), receive, send)
 
     anyio.run(call)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
     assert b"body_too_large" in sent[1]["body"]
     assert pulled == LIMIT // 100 + 1  # reading stopped at the limit, not at 100 kB
-
-
-def _http_scope(path: str) -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-length", b"1000")],
-        "client": ("127.0.0.1", 1),
-        "server": ("testserver", 80),
-        "state": {},
-    }
 
 
 def test_a_body_that_stalls_is_given_up_with_408() -> None:
@@ -164,7 +149,7 @@ def test_a_body_that_stalls_is_given_up_with_408() -> None:
 
     async def call() -> None:
         with anyio.fail_after(5):
-            await app(_http_scope("/echo"), receive, send)
+            await app(http_scope("/echo"), receive, send)
 
     anyio.run(call)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
@@ -197,7 +182,7 @@ def test_waiting_for_the_client_after_the_body_is_not_timed() -> None:
         sent.append(dict(message))
 
     guarded = BodyLimitMiddleware(inner, limit_for=lambda path: LIMIT, idle_timeout_s=0.2)
-    anyio.run(guarded, _http_scope("/x"), receive, send)
+    anyio.run(guarded, http_scope("/x"), receive, send)
     assert sent[0]["status"] == 200 and sent[1]["body"] == b"done"
 
 

@@ -172,6 +172,18 @@ def tile_ids(page: Any) -> list[tuple[str, int]]:
     return [(str(i), int(p)) for i, p in tiles]
 
 
+def dropped(live: LiveServer, browser: Any, tmp_path: Path) -> tuple[Any, Any, list[str]]:
+    """A desktop browser page that dropped the user's image and shows its first page: the
+    context, the page, and the console errors it logs."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    errors = watch_console(page)
+    page.goto(live.url)
+    page.set_input_files("#file-input", str(query_image(tmp_path / "mine.png")))
+    page.wait_for_selector(".tile.loaded")
+    return context, page, errors
+
+
 def test_drop_scroll_linger_steers_the_feed(live: LiveServer, browser: Any, tmp_path: Path) -> None:
     started = time.monotonic()
     ARTIFACTS.mkdir(exist_ok=True)
@@ -357,12 +369,7 @@ def test_a_scroll_goes_on_when_the_server_forgot_its_session(
     """A restart (sessions live in memory) or an expired session: the page runs its search
     again and scrolls on in the new session, showing nothing twice, instead of offering a
     "Try again" that fails forever."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    errors = watch_console(page)
-    page.goto(live.url)
-    page.set_input_files("#file-input", str(query_image(tmp_path / "mine.png")))
-    page.wait_for_selector(".tile.loaded")
+    context, page, errors = dropped(live, browser, tmp_path)
     first = page.evaluate("window.lookalike.session")
     shown = len(tile_ids(page))
     live.app.state.engine.delete_session(first)  # what a restart does to every session
@@ -380,12 +387,7 @@ def test_a_scroll_goes_on_when_the_server_forgot_its_session(
 def test_a_failed_search_leaves_the_scroll_on_screen(
     live: LiveServer, browser: Any, tmp_path: Path
 ) -> None:
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    errors = watch_console(page)
-    page.goto(live.url)
-    page.set_input_files("#file-input", str(query_image(tmp_path / "mine.png")))
-    page.wait_for_selector(".tile.loaded")
+    context, page, errors = dropped(live, browser, tmp_path)
     session, tiles = page.evaluate("window.lookalike.session"), tile_ids(page)
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("these are my notes, not a picture")
