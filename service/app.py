@@ -167,8 +167,8 @@ def _sigterm_unwinds() -> Iterator[None]:
     try:
         yield
     finally:
-        if signal.getsignal(signal.SIGTERM) is unwind:
-            signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is unwind:  # (None: not set from Python)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _version() -> str:
