@@ -227,6 +227,8 @@ def _add_file(listing: _Listing, name: str, path: str) -> None:
 def _add_image(listing: _Listing, name: str, path: str | None) -> None:
     listing.images[name] = path
     listing.by_stem.setdefault(name[: name.rfind(".")], name)
+    # gallery-dl names an image's metadata after the whole file name: 123.jpeg.json
+    listing.by_stem.setdefault(name, name)
 
 
 class _DumpWalker:
@@ -334,7 +336,8 @@ class _DumpWalker:
         if not isinstance(item, dict):
             return SkippedEntry(rel, "bad_item", f"an item must be an object, not {type(item)}")
         sidecar = sidecar_stem if sidecar_stem in listing.by_stem else None
-        ident = _as_id(item.get(_FLAT_KEY, item.get("id"))) or sidecar
+        own_id = _as_id(item.get(_FLAT_KEY, item.get("id")))
+        ident = own_id or (bare_id(sidecar) if sidecar in listing.images else sidecar)
         if ident is None:
             return SkippedEntry(rel, "bad_item", "the item has no id")
         if ident in self.seen_ids:

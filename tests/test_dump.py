@@ -280,6 +280,21 @@ def test_sidecars(tmp_path: Path) -> None:
     assert records["900"].nsfw_level == 1
 
 
+def test_sidecars_named_after_the_whole_file_as_gallery_dl_writes_them(tmp_path: Path) -> None:
+    root = tmp_path / "dump"
+    write_image(root / "civitai_4242.jpeg")
+    write_json(root / "civitai_4242.jpeg.json", api_item(4242, url=None, nsfwLevel="X"))
+    write_image(root / "art" / "x.png")
+    write_json(root / "art" / "x.png.json", {"meta": {"prompt": "no id here"}})
+    records, skipped = read(root)
+    assert skipped == [] and sorted(records) == ["4242", "x"]
+    assert records["4242"].image_path == root / "civitai_4242.jpeg"
+    assert (records["4242"].nsfw_level, records["4242"].prompt) == (3, "a red orb")
+    assert records["x"].image_path == root / "art" / "x.png"
+    assert records["x"].prompt == "no id here"
+    assert detect_format(root) == "sidecar"
+
+
 def test_api_page_wins_over_sidecar_and_bare(tmp_path: Path) -> None:
     root = tmp_path / "dump"
     write_image(root / "5.png")
