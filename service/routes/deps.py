@@ -95,6 +95,12 @@ def elsewhere(engine: Engine, session_id: str) -> SessionOwners | None:
     return None if engine.holds_session(session_id) else engine.owners
 
 
+async def read_body(request: Request) -> bytes:
+    """The request body, not kept on ``request`` (``request.body()`` keeps it for the whole
+    request: up to the upload limit per request waiting for an image slot)."""
+    return b"".join([chunk async for chunk in request.stream()])
+
+
 async def in_image_slot(request: Request, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run blocking ``func`` in a worker thread, at most ``image_workers`` at once.
 

@@ -20,7 +20,14 @@ from recommender.api import ImageQuery, TextQuery
 from recommender.engine import Engine
 from service.errors import ApiError
 from service.netguard import SafeFetcher
-from service.routes.deps import EngineDep, FetcherDep, SettingsDep, error_docs, in_image_slot
+from service.routes.deps import (
+    EngineDep,
+    FetcherDep,
+    SettingsDep,
+    error_docs,
+    in_image_slot,
+    read_body,
+)
 from service.schemas import KnnIn, KnnResult, decode_b64
 from service.settings import Settings
 
@@ -89,7 +96,7 @@ async def knn_service(
 
     Answers ``[{"id", "similarity", "url", "caption"}]``, best first.
     """
-    body = await run_in_threadpool(_parse, await request.body())
+    body = await run_in_threadpool(_parse, await read_body(request))
     if body.indice_name is not None and body.indice_name not in engine.spaces:
         have = ", ".join(engine.spaces)
         raise ApiError(404, "unknown_index", f"no index {body.indice_name!r}; have {have}")

@@ -23,6 +23,7 @@ from service.routes.deps import (
     error_docs,
     for_session,
     in_image_slot,
+    read_body,
 )
 from service.schemas import FeedOut, SearchIn, SearchOptions, SearchOut
 
@@ -92,10 +93,16 @@ def _json_search(raw: bytes) -> tuple[EngineQuery, SearchOptions]:
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     body: SearchIn = _validated(SearchIn, data)
+    del data  # the parsed base64 text, as big as the upload
     try:
-        return body.query(), body
+        query = body.query()
     except ValueError as exc:
         raise ApiError(422, "invalid_request", str(exc)) from None
+    # The options without the query: the base64 text is not held while the search runs.
+    options = SearchOptions.model_construct(
+        **{name: getattr(body, name) for name in SearchOptions.model_fields}
+    )
+    return query, options
 
 
 async def _form_search(request: Request) -> tuple[EngineQuery, SearchOptions]:
@@ -137,7 +144,7 @@ async def search(request: Request, engine: EngineDep, settings: SettingsDep) -> 
     if content_type == "multipart/form-data":
         query, options = await _form_search(request)
     elif content_type == "application/json" or content_type.endswith("+json"):
-        query, options = await run_in_threadpool(_json_search, await request.body())
+        query, options = await run_in_threadpool(_json_search, await read_body(request))
     else:
         raise ApiError(
             415,
