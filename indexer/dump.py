@@ -32,7 +32,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, Final
@@ -85,6 +85,7 @@ class _Listing:
     rel: str
     images: dict[str, str | None] = field(default_factory=dict)
     by_stem: dict[str, str] = field(default_factory=dict)
+    shared_stems: set[str] = field(default_factory=set)  # "x" where x.gif and x.webp are here
     json_files: dict[str, str | None] = field(default_factory=dict)
     other_images: list[str] = field(default_factory=list)
     subdirs: list[str] = field(default_factory=list)
@@ -96,6 +97,13 @@ class _Listing:
     def rel_of(self, name: str) -> str:
         return f"{self.rel}/{name}" if self.rel else name
 
+    def bare_id_of(self, name: str) -> str:
+        """The id the image ``name`` gets as a bare image: its path under the dump root
+        without the extension, or with it where another image here shares its stem (x.gif
+        beside x.webp), so that no file's id depends on which one was read first."""
+        shared = name[: name.rfind(".")] in self.shared_stems
+        return self.rel_of(name) if shared else bare_id(self.rel_of(name))
+
     def path_of(self, name: str) -> str:
         return os.path.join(self.path, name)
 
@@ -105,6 +113,7 @@ class _Found:
     directory: str
     name: str
     path: str
+    bare_id: str  # the id the image gets when indexed bare
 
 
 def iter_dump(root: Path) -> Iterator[DumpRecord | SkippedEntry]:
@@ -226,7 +235,9 @@ def _add_file(listing: _Listing, name: str, path: str) -> None:
 
 def _add_image(listing: _Listing, name: str, path: str | None) -> None:
     listing.images[name] = path
-    listing.by_stem.setdefault(name[: name.rfind(".")], name)
+    stem = name[: name.rfind(".")]
+    if listing.by_stem.setdefault(stem, name) != name:
+        listing.shared_stems.add(stem)
     # gallery-dl names an image's metadata after the whole file name: 123.jpeg.json
     listing.by_stem.setdefault(name, name)
 
@@ -337,7 +348,11 @@ class _DumpWalker:
             return SkippedEntry(rel, "bad_item", f"an item must be an object, not {type(item)}")
         sidecar = sidecar_stem if sidecar_stem in listing.by_stem else None
         own_id = _as_id(item.get(_FLAT_KEY, item.get("id")))
-        ident = own_id or (bare_id(sidecar) if sidecar in listing.images else sidecar)
+        # Without an id of its own: a 123.json sidecar's is its stem (as always); a gallery-dl
+        # 123.jpeg.json's, the id its image would have bare (the path, directory included).
+        ident: str | None = own_id or sidecar
+        if own_id is None and sidecar is not None and sidecar in listing.images:
+            ident = listing.bare_id_of(sidecar)
         if ident is None:
             return SkippedEntry(rel, "bad_item", "the item has no id")
         if ident in self.seen_ids:
@@ -351,7 +366,8 @@ class _DumpWalker:
             return SkippedEntry(rel, found, f"id {ident}: {_REASON_TEXT[found]}")
         self.seen_ids.add(ident)
         self.claimed.setdefault(found.directory, set()).add(found.name)
-        return _record(item, ident, Path(found.path))
+        record = _record(item, ident, Path(found.path))
+        return replace(record, bare_id=found.bare_id)
 
     def _sidecar_image(self, listing: _Listing, stem: str) -> _Found | str:
         name = listing.by_stem[stem]
@@ -360,7 +376,7 @@ class _DumpWalker:
             return "outside_root"
         if name in self.claimed.get(listing.path, ()):
             return "duplicate_id"  # an API page or flat record already indexed this image
-        return _Found(listing.path, name, path)
+        return _Found(listing.path, name, path, listing.bare_id_of(name))
 
     # ---- image look-up ---------------------------------------------------------------
 
@@ -452,9 +468,7 @@ class _DumpWalker:
             if path is None:
                 yield SkippedEntry(rel, "outside_root", "symlink leaves the dump")
                 continue
-            ident = bare_id(rel)
-            if ident in self.seen_ids:
-                ident = rel  # x.gif beside x.webp: two images, the second named in full
+            ident = listing.bare_id_of(name)
             if ident in self.seen_ids:
                 yield SkippedEntry(rel, "duplicate_id", f"id {ident} was read before")
                 continue
@@ -482,7 +496,9 @@ def _is_safe_name(name: str) -> bool:
 
 def _found_or_escaped(place: _Listing, name: str) -> _Found | str:
     path = place.images[name]
-    return "outside_root" if path is None else _Found(place.path, name, path)
+    return (
+        "outside_root" if path is None else _Found(place.path, name, path, place.bare_id_of(name))
+    )
 
 
 def _loads(content: bytes) -> Any:
@@ -493,9 +509,22 @@ def _loads(content: bytes) -> Any:
         return orjson.loads(content)
     except orjson.JSONDecodeError as exc:
         try:
-            return json.loads(content.decode(json.detect_encoding(content)))
+            value = json.loads(content.decode(json.detect_encoding(content)))
         except ValueError:  # UnicodeDecodeError and json's own are ValueErrors too
             raise exc from None
+        # json reads a lone surrogate ("\ud83d", half an emoji cut off) that orjson refuses and
+        # SQLite could not store: made U+FFFD, as bad UTF-8 is.
+        return _without_lone_surrogates(value)
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _looks_like_jsonl(content: bytes) -> bool:
@@ -537,7 +566,7 @@ def _opt_int(value: Any) -> int | None:
         return None
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: Infinity
         return None
     return number if number > 0 else None
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from indexer.alignment import TextImageEncoder, align_catalog
 from indexer.catalog import Catalog, NewItem
-from indexer.dump import bare_id, iter_dump
+from indexer.dump import iter_dump
 from indexer.encoders.base import Encoder, ImageEncoder
 from indexer.errors import ImageRejected
 from indexer.images import ImageLimits, decode_image
@@ -364,23 +364,14 @@ def _records_to_process(
             log.info("skipped %s: %s", entry.image_path, exc)
             continue
         if len(stated) >= FILE_CHECKS_BATCH:
-            yield from _new_or_changed(stated, catalog, report, root)
+            yield from _new_or_changed(stated, catalog, report)
             stated = []
-    yield from _new_or_changed(stated, catalog, report, root)
+    yield from _new_or_changed(stated, catalog, report)
     catalog.record_dump_positions(positions)
 
 
-def _bare_id_of(image_path: Path, root: Path) -> str | None:
-    """The id ``image_path`` would have as a bare image of the dump at ``root``."""
-    rel = os.path.relpath(image_path, root.resolve())
-    return None if rel.startswith("..") else bare_id(Path(rel).as_posix())
-
-
 def _new_or_changed(
-    stated: list[tuple[DumpRecord, os.stat_result]],
-    catalog: Catalog,
-    report: IndexReport,
-    root: Path,
+    stated: list[tuple[DumpRecord, os.stat_result]], catalog: Catalog, report: IndexReport
 ) -> Iterator[DumpRecord]:
     """The records whose files the catalog does not know as they are now (one lookup for
     all of them: each SQLite call on this thread waits for the GIL the decode pool holds)."""
@@ -400,8 +391,8 @@ def _new_or_changed(
                 report.metadata_updated += 1
         elif (
             state.kind == "item"
-            and state.id is not None
-            and state.id == _bare_id_of(entry.image_path, root)
+            and entry.bare_id is not None
+            and state.id == entry.bare_id
             and catalog.rename(state.id, entry.id)
         ):
             # Indexed bare, and its metadata came since (a JSON page or sidecar added, or one

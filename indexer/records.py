@@ -82,6 +82,10 @@ class DumpRecord:
     height: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    # The id its image file gets when indexed bare (its path under the dump root without the
+    # extension), for a record read from metadata: an item indexed under it before the
+    # metadata came takes this record's id. None for a bare image.
+    bare_id: str | None = None
 
 
 @dataclass(frozen=True)

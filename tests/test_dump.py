@@ -163,11 +163,15 @@ def test_json_with_a_bom_utf16_or_nan_is_read(tmp_path: Path) -> None:
     page = {"items": [api_item("utf16", nsfwLevel="X")]}
     (root / "utf16-page.json").write_bytes(json.dumps(page).encode("utf-16"))
     nan = api_item("nan", nsfwLevel="X", meta={"prompt": "a red orb", "cfgScale": float("nan")})
-    (root / "nan-page.json").write_text(json.dumps({"items": [nan]}))
+    # what else the standard library reads: Infinity where a number goes, half an emoji
+    odd = api_item("odd", nsfwLevel="X", width=float("inf"), meta={"prompt": "a cat \ud83d"})
+    write_image(root / "odd.png")
+    (root / "nan-page.json").write_text(json.dumps({"items": [nan, odd]}))
     records, skipped = read(root)
-    assert sorted(records) == ["bom", "nan", "utf16"] and not skipped
+    assert sorted(records) == ["bom", "nan", "odd", "utf16"] and not skipped
     assert {r.nsfw_level for r in records.values()} == {3}
     assert records["nan"].prompt == "a red orb"
+    assert records["odd"].width is None and records["odd"].prompt == "a cat \ufffd"
 
 
 def test_json_list_and_jsonl_of_items(tmp_path: Path) -> None:
@@ -287,11 +291,12 @@ def test_sidecars_named_after_the_whole_file_as_gallery_dl_writes_them(tmp_path:
     write_image(root / "art" / "x.png")
     write_json(root / "art" / "x.png.json", {"meta": {"prompt": "no id here"}})
     records, skipped = read(root)
-    assert skipped == [] and sorted(records) == ["4242", "x"]
+    # without an id, the one the image would have bare: directory included (a/x, b/x differ)
+    assert skipped == [] and sorted(records) == ["4242", "art/x"]
     assert records["4242"].image_path == root / "civitai_4242.jpeg"
     assert (records["4242"].nsfw_level, records["4242"].prompt) == (3, "a red orb")
-    assert records["x"].image_path == root / "art" / "x.png"
-    assert records["x"].prompt == "no id here"
+    assert records["art/x"].image_path == root / "art" / "x.png"
+    assert records["art/x"].prompt == "no id here"
     assert detect_format(root) == "sidecar"
 
 
@@ -364,11 +369,10 @@ def test_bare_images_sharing_a_stem_are_both_read(tmp_path: Path) -> None:
     write_image(root / "art" / "x.webp", "blue")
     records, skipped = read(root)
     assert skipped == []
-    assert len(records) == 2 and "art/x" in records
-    (other,) = set(records) - {"art/x"}
-    assert other in ("art/x.gif", "art/x.webp")
-    assert {r.image_path.name for r in records.values()} == {"x.gif", "x.webp"}
-    assert records[other].image_path.name == other.removeprefix("art/")
+    # both named in full: neither id depends on which file the walk met first
+    assert sorted(records) == ["art/x.gif", "art/x.webp"]
+    assert records["art/x.gif"].image_path.name == "x.gif"
+    assert records["art/x.webp"].image_path.name == "x.webp"
 
 
 def test_an_item_without_meta_takes_the_prompt_its_file_carries(tmp_path: Path) -> None:

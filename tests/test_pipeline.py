@@ -115,6 +115,32 @@ def test_metadata_that_arrives_after_its_images_were_indexed_bare_is_taken(
     assert (third.indexed, third.unchanged, third.metadata_updated) == (0, 3, 0)  # type: ignore[attr-defined]
 
 
+def test_late_sidecars_reach_same_stem_and_symlinked_images(tmp_path: Path) -> None:
+    """The bare ids the late records are matched with are the walker's own: x.gif beside
+    x.webp are named in full (whichever came first), a symlinked file by its link's path."""
+    dump = tmp_path / "dump"
+    (dump / "art").mkdir(parents=True)
+    (dump / "store").mkdir()
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(dump / "art" / "x.gif")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(dump / "art" / "x.webp")
+    Image.new("RGB", (32, 32), (30, 200, 30)).save(dump / "store" / "blob.jpeg")
+    (dump / "art" / "linked.jpeg").symlink_to(dump / "store" / "blob.jpeg")
+    catalog, first = run_index(dump, tmp_path / "cat")
+    assert catalog.item("art/x.gif") is not None and catalog.item("art/x.webp") is not None
+    catalog.close()
+    late = {"id": 777, "nsfwLevel": "X", "meta": {"prompt": "late"}}
+    (dump / "art" / "x.webp.json").write_text(json.dumps(late))
+    (dump / "art" / "linked.jpeg.json").write_text(json.dumps({**late, "id": 778}))
+    catalog, second = run_index(dump, tmp_path / "cat")
+    assert second.indexed == 0  # type: ignore[attr-defined]
+    for new_id, old_id in (("777", "art/x.webp"), ("778", "art/linked")):
+        item = catalog.item(new_id)
+        assert item is not None and (item.nsfw_level, item.prompt) == (3, "late"), new_id
+        assert catalog.key_for_id(old_id) == catalog.key_for_id(new_id)
+    gif = catalog.item("art/x.gif")
+    assert gif is not None and gif.nsfw_level == 0  # the other image kept its own id
+
+
 def test_shards_partition_the_dump(sample_dump: Path, tmp_path: Path) -> None:
     parts = [run_index(sample_dump, tmp_path / f"part{i}", shard=Shard(i, 3))[0] for i in range(3)]
     whole, _ = run_index(sample_dump, tmp_path / "whole")
