@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 UPLOAD_PATHS = frozenset({"/v1/search", "/knn-service", "/v1/score"})
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+HEAD_PATHS = PROBE_PATHS | {"/", "/docs", "/openapi.json", "/indices-list"}
 IMAGE_COST = 0.2  # one feed page shows ~20 images: fetching them should not cost 20 requests
 
 
@@ -267,9 +268,14 @@ def create_app(
             allow_headers=["Content-Type"],
             max_age=600,
         )
-    app.add_middleware(HeadAsGetMiddleware)
+    app.add_middleware(HeadAsGetMiddleware, safe=_head_safe)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+def _head_safe(path: str) -> bool:
+    """GETs that change nothing, which HEAD may run (not /v1/feed: it serves a page)."""
+    return path in HEAD_PATHS or path.startswith(("/v1/images/", "/static/"))
 
 
 def _load_encoders(app: FastAPI, engine: Engine) -> None:

@@ -50,14 +50,17 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class HeadAsGetMiddleware:
-    """Answer HEAD as the GET of the same URL without its body (status and headers alike):
-    uptime checks, proxies and ``curl -I`` use it, and FastAPI's routes take GET only."""
+    """Answer HEAD as the GET of the same URL without its body (status and headers alike),
+    on the paths ``safe`` allows: uptime checks, proxies and ``curl -I`` use it, and
+    FastAPI's routes take GET only. Not where a GET changes something (``/v1/feed`` serves a
+    session its next page): HEAD stays 405 there."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, safe: Callable[[str], bool]) -> None:
         self.app = app
+        self.safe = safe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD":
+        if scope["type"] != "http" or scope["method"] != "HEAD" or not self.safe(scope["path"]):
             await self.app(scope, receive, send)
             return
 

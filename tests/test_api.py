@@ -449,6 +449,9 @@ def test_image_bytes_and_meta(client: TestClient, tiny: TinyCatalog) -> None:
     assert head.headers["content-length"] == str(len(tiny.image_bytes(item)))
     assert client.head("/healthz").status_code == 200
     assert client.head("/v1/images/nope").status_code == 404
+    # not where a GET changes something: a HEAD of /v1/feed would serve the session a page
+    session = client.post("/v1/sessions", json={}).json()["session_id"]
+    assert client.head("/v1/feed", params={"session_id": session}).status_code == 405
 
 
 # --------------------------------------------------------------------------- clip-retrieval

@@ -399,3 +399,28 @@ def test_a_failed_search_leaves_the_scroll_on_screen(
     assert page.locator(".feed.replacing").count() == 0
     assert [e for e in errors if "status of 415" not in e] == [], errors
     context.close()
+
+
+def test_looks_the_forgotten_session_refused_reach_the_session_that_took_over(
+    live: LiveServer, browser: Any, tmp_path: Path
+) -> None:
+    """The server forgot the session while the person only looked (no page to fetch): the
+    feedback it refuses starts the resume, and those looks go to the new session."""
+    context, page, errors = dropped(live, browser, tmp_path)
+    for _ in range(40):  # to the end of the scroll: no page left to fetch
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        if page.evaluate("document.querySelector('#status').dataset.kind") == "end":
+            break
+        page.wait_for_timeout(250)
+    assert page.evaluate("document.querySelector('#status').dataset.kind") == "end"
+    page.evaluate("window.scrollTo(0, 0)")
+    first = page.evaluate("window.lookalike.session")
+    live.app.state.engine.delete_session(first)
+    page.mouse.move(400, 300)  # someone is there
+    page.wait_for_timeout(1500)  # looking at what is on screen...
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # ...until it scrolls away
+    page.wait_for_function(f"window.lookalike.session !== '{first}'", timeout=20_000)
+    taken_over = page.evaluate("window.lookalike.session")
+    _wait_for(lambda: len(live.feedback(taken_over)) > 0, timeout_s=20)
+    assert [e for e in errors if "status of 404" not in e] == [], errors
+    context.close()

@@ -201,9 +201,11 @@ class DwellTracker {
  * A failed request is retried with the same event ids (the server counts an id once).
  */
 class FeedbackQueue {
-  constructor(onAck, resolve = (session) => session) {
+  constructor(onAck, resolve = (session) => session, onLost = () => false) {
     this.onAck = onAck; // (sessionId, {accepted, duplicates}) => void
     this.resolve = resolve; // the session an event of an ended one goes to now (see resumeSession)
+    this.onLost = onLost; // (sessionId) => true when a new session takes over its scroll
+    this.requeued = new Set(); // ids of events sent back to the queue once already
     this.pending = [];
     this.sent = 0; // events handed to fetch or sendBeacon, retries not counted
     setInterval(() => this.flush(), CONFIG.flushMs);
@@ -242,6 +244,16 @@ class FeedbackQueue {
       const result = await api("/v1/feedback", { method: "POST", json: body, keepalive: true });
       this.onAck(body.session_id, result);
     } catch (error) {
+      const lost = error instanceof ApiError && error.code === "unknown_session";
+      const fresh = body.events.filter((event) => !this.requeued.has(event.event_id));
+      if (lost && fresh.length && this.onLost(body.session_id)) {
+        // The server forgot the session: these looks wait for the one that takes over.
+        for (const event of fresh) {
+          this.requeued.add(event.event_id);
+          this.pending.push({ session: body.session_id, event });
+        }
+        return;
+      }
       if (error instanceof ApiError && error.retryable && attempt < CONFIG.maxRetries) {
         const wait = (error.retryAfter ?? 2 ** attempt) * 1000;
         setTimeout(() => this.post(body, attempt + 1), wait);
@@ -372,7 +384,12 @@ const state = {
 const masonry = new Masonry(ui.feed);
 const queue = new FeedbackQueue((session, result) => {
   if (session === state.session && result.accepted > 0) refreshTerms();
-}, (session) => state.resumed.get(session) ?? session);
+}, (session) => state.resumed.get(session) ?? session, (session) => {
+  if (state.resumed.has(session)) return true;
+  if (session !== state.session || !state.request) return false;
+  if (!state.loading) resumeSession(state.token);
+  return true;
+});
 const tracker = new DwellTracker((session, imageId, ms) => queue.add(session, imageId, ms));
 
 // -- status line and toasts
