@@ -583,14 +583,16 @@ def _unwrap_meta(value: Any) -> dict[str, Any]:
 
 def _nsfw_level(item: dict[str, Any]) -> int:
     """The highest level the item's level fields give (err on the safe side). The boolean
-    ``nsfw`` counts only without them: civitai sets it for Soft images too (its documented
-    example: ``nsfw: true, nsfwLevel: "Soft", browsingLevel: 2``), where alone it means
-    Mature."""
+    ``nsfw`` counts only where they give none above None: civitai sets it for Soft images too
+    (its documented example: ``nsfw: true, nsfwLevel: "Soft", browsingLevel: 2``), where
+    alone (or beside an unrated 0) it means Mature."""
     keys = ("nsfwLevel", "browsingLevel", "original_level", "nsfw_level")
-    levels = [nsfw_level_from_any(item[key]) for key in keys if _present(item.get(key))]
-    if not levels and _present(item.get("nsfw")):
-        levels.append(nsfw_level_from_any(item["nsfw"]))
-    return max(levels, default=0)
+    level = max(
+        (nsfw_level_from_any(item[key]) for key in keys if _present(item.get(key))), default=0
+    )
+    if level == 0 and _present(item.get("nsfw")):
+        level = nsfw_level_from_any(item["nsfw"])
+    return level
 
 
 def _present(value: Any) -> bool:

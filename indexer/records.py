@@ -32,7 +32,7 @@ def nsfw_level_from_any(value: Any) -> int:
         # browsingLevel is a bit set; the highest bit is the level.
         return min(flags.bit_length() - 1, len(NSFW_LEVELS) - 1)
     text = "".join(str(value).lower().split()).replace("_", "-")
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return nsfw_level_from_any(int(text))
     return _NSFW_ALIASES.get(text, len(NSFW_LEVELS) - 1)
 

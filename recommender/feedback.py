@@ -500,10 +500,11 @@ class BayesSteerer:
         state.resid = hs - float(rho @ hs) / wsum
         state.noise_var = cfg.noise_std**2 / rho
         spread2 = float(rho @ np.diag(centred)) / wsum
-        # Rows this close together (the same image dwelt on again and again) have no spread to
-        # state the prior in: dividing by it would blow the float32 Gram matrix's rounding up
-        # past A's diagonal noise. The rows are unit vectors, so this is a 1 % rms distance.
-        state.spread = math.sqrt(spread2) if spread2 > MIN_SPREAD2 else 1.0
+        # Rows this close together (the same image dwelt on again and again) have next to no
+        # spread to state the prior in: dividing by it would blow the float32 Gram matrix's
+        # rounding up past A's diagonal noise. The rows are unit vectors: the spread counts as
+        # a 1 % rms distance at least (a floor, not a jump, so nearby spreads steer alike).
+        state.spread = math.sqrt(max(spread2, MIN_SPREAD2))
         tau2 = cfg.prior_std**2
         # A is symmetric positive definite (diagonal noise >= σ²): a Cholesky factor solves
         # with it at a fifth of the cost of inverting it

@@ -24,6 +24,7 @@ from contextlib import (
     contextmanager,
     nullcontext,
 )
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
@@ -60,6 +61,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 UPLOAD_PATHS = frozenset({"/v1/search", "/knn-service", "/v1/score"})
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 HEAD_PATHS = PROBE_PATHS | {"/", "/docs", "/openapi.json", "/indices-list"}
+ENCODER_LOAD_WAIT_S = 120.0  # the longest a shutdown waits for the encoders' load to end
 IMAGE_COST = 0.2  # one feed page shows ~20 images: fetching them should not cost 20 requests
 
 
@@ -112,12 +114,18 @@ def open_engine(settings: Settings, owners: SessionOwners | None = None) -> Engi
     generator = make_generator(
         settings.generator, settings.generation_config(), diffusers_config=diffusers_config
     )
-    sessions = SessionConfig(ttl_s=settings.session_ttl_s, max_sessions=settings.max_sessions)
+    defaults = EngineConfig()
+    config = replace(
+        defaults,
+        sessions=SessionConfig(ttl_s=settings.session_ttl_s, max_sessions=settings.max_sessions),
+        max_page=settings.max_page,
+        upload_limits=replace(defaults.upload_limits, max_bytes=settings.max_upload_bytes),
+    )
     return Engine.from_catalog(
         settings.catalog,
         device=settings.device,
         dtype=settings.dtype,
-        config=EngineConfig(sessions=sessions),
+        config=config,
         generator=generator,
         store=settings.store_config(),
         policy=settings.index_policy(),
@@ -205,11 +213,15 @@ def create_app(
             if current.generator is not None:
                 current.generator.start(current)  # loads its models in the background
             # Encoders load in the background: /healthz answers at once, /readyz once loaded.
-            threading.Thread(target=_load_encoders, args=(app, current), daemon=True).start()
+            loader = threading.Thread(target=_load_encoders, args=(app, current), daemon=True)
+            loader.start()
             log.info("serving catalog %s (%s)", settings.catalog, ", ".join(current.spaces))
             try:
                 yield
             finally:
+                # A stop during the load waits for it: a process that exits while torch builds
+                # a model in another thread aborts ("terminate called", status 134).
+                await run_in_threadpool(loader.join, ENCODER_LOAD_WAIT_S)
                 metrics.bind_engine(None)
                 app.state.engine = None
                 if owned:

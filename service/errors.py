@@ -47,6 +47,7 @@ IMAGE_REJECTION_STATUS: Final[Mapping[str, int]] = {
 }
 
 _MAX_MESSAGE = 500
+BODY_REFUSED = "body_refused"  # request.state flag: the body limit answers this request
 
 
 class ApiError(Exception):
@@ -117,9 +118,10 @@ def status_for(exc: LookalikeError) -> tuple[int, str]:
 
 
 def count_error(request: Request, code: str) -> None:
-    """Count an error answer by code in the app's metrics (when it has them)."""
+    """Count an error answer by code in the app's metrics (when it has them), unless the body
+    limit answers the request instead (it counts its own 413 or 408)."""
     metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
+    if metrics is not None and not getattr(request.state, BODY_REFUSED, False):
         metrics.count_error(code)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_body
+from service.errors import BODY_REFUSED, error_body
 from service.metrics import Metrics
 
 access_log = logging.getLogger("service.access")
@@ -145,14 +145,17 @@ class BodyLimitMiddleware:
             except TimeoutError:
                 wait = f"{self.idle_timeout_s:g} s"
                 refusal = (408, "body_timeout", f"the request body stalled for over {wait}")
-                raise _BodyRefused from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                body_done = not message.get("more_body", False)
-                if received > limit:
-                    refusal = (413, "body_too_large", _too_large(limit))
-                    raise _BodyRefused
-            return message
+            else:
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    body_done = not message.get("more_body", False)
+                    if received > limit:
+                        refusal = (413, "body_too_large", _too_large(limit))
+                if refusal is None:
+                    return message
+            # The app's own error for the aborted read is replaced, and not counted either.
+            scope.setdefault("state", {})[BODY_REFUSED] = True
+            raise _BodyRefused
 
         async def guarded_send(message: Message) -> None:
             nonlocal started

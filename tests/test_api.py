@@ -187,8 +187,12 @@ def test_session_info_mute_delete(client: TestClient, tiny: TinyCatalog) -> None
     assert_error(client.delete(f"/v1/sessions/{session}"), 404, "unknown_session")
 
 
-def test_session_bounds_come_from_the_settings(tiny: TinyCatalog) -> None:
-    with TestClient(create_app(settings_for(tiny, max_sessions=2))) as small:
+def test_engine_bounds_come_from_the_settings(tiny: TinyCatalog) -> None:
+    settings = settings_for(tiny, max_sessions=2, max_page=150, max_upload_bytes=30 * 2**20)
+    with TestClient(create_app(settings)) as small:
+        config = small.app.state.engine.config  # type: ignore[attr-defined]
+        # pages and uploads the edge lets through, the engine takes (it kept its defaults)
+        assert config.max_page == 150 and config.upload_limits.max_bytes == 30 * 2**20
         first, second, third = (
             small.post("/v1/sessions", json={}).json()["session_id"] for _ in range(3)
         )
@@ -653,7 +657,9 @@ def test_a_client_leaving_mid_body_is_no_server_error(
         with caplog.at_level(logging.INFO):
             client.portal.call(call)  # type: ignore[union-attr]
         started = [m for m in sent if m["type"] == "http.response.start"]
-        assert started and started[0]["status"] in (400, 499), (path, started)
+        # 499 where the route reads its body itself; FastAPI's own parsing says 400
+        expected = 400 if path == "/v1/feedback" else 499
+        assert started and started[0]["status"] == expected, (path, started)
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], path
     metrics = client.get("/metrics").text
     assert 'code="internal"' not in metrics and 'status="500"' not in metrics

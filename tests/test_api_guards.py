@@ -40,6 +40,10 @@ def guarded_app(metrics: Metrics) -> FastAPI:
     async def echo(request: Request) -> dict[str, int]:
         return {"received": len(await request.body())}
 
+    @app.post("/json")
+    async def json_body(body: dict[str, int]) -> dict[str, int]:  # parsed by FastAPI
+        return {"keys": len(body)}
+
     @app.post("/form")
     async def form(request: Request) -> dict[str, int]:
         data = await request.form()
@@ -133,8 +137,11 @@ def test_streamed_body_over_the_limit_is_cut_off() -> None:
 
 def test_a_body_that_stalls_is_given_up_with_408() -> None:
     """A client that declares more than it sends held its connection for ever."""
-    app = guarded_app(Metrics())
-    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: LIMIT, idle_timeout_s=0.2)
+    metrics = Metrics()
+    app = guarded_app(metrics)
+    app.add_middleware(
+        BodyLimitMiddleware, limit_for=lambda path: LIMIT, metrics=metrics, idle_timeout_s=0.2
+    )
     sent: list[dict[str, Any]] = []
     chunks = [{"type": "http.request", "body": b"{", "more_body": True}]
 
@@ -149,11 +156,16 @@ def test_a_body_that_stalls_is_given_up_with_408() -> None:
 
     async def call() -> None:
         with anyio.fail_after(5):
-            await app(http_scope("/echo"), receive, send)
+            await app(http_scope("/json"), receive, send)
 
     anyio.run(call)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
     assert b"body_timeout" in sent[1]["body"]
+    # counted once, as what the client got (not also as the app's error for the cut read)
+    counted = [
+        line for line in metrics.render()[0].decode().splitlines() if "errors_total{" in line
+    ]
+    assert len(counted) == 1 and 'code="body_timeout"' in counted[0], counted
 
 
 def test_waiting_for_the_client_after_the_body_is_not_timed() -> None:

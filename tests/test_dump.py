@@ -135,6 +135,8 @@ def test_nsfw_levels_from_civitai_and_other_ratings(tmp_path: Path) -> None:
         "flag-r": ({"nsfwLevel": 4}, 2),  # the newer API's numeric levels (bit flags)
         "flag-xxx": ({"nsfwLevel": 16}, 4),
         "only-bool": ({"nsfwLevel": None, "nsfw": True}, 2),
+        "unrated-flagged": ({"nsfwLevel": 0, "nsfw": True}, 2),  # 0: not rated yet
+        "superscript": ({"nsfwLevel": "²"}, 4),  # a digit to str.isdigit, not to int()
         "empty-level": ({"nsfwLevel": " ", "nsfw": True}, 2),
         "mixed": ({"nsfwLevel": "Soft", "browsingLevel": 8}, 3),  # the highest level field
         "booru": ({"nsfwLevel": "questionable"}, 2),

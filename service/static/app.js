@@ -458,6 +458,7 @@ async function search(request, preview) {
     showQuery(preview);
     ui.feed.innerHTML = skeleton(); // where the first page will be: its tiles take its place
   }
+  const status = [ui.status.dataset.kind ?? "idle", ui.status.innerHTML]; // the old scroll's
   state.loading = true;
   setStatus("loading");
   ui.feed.classList.toggle("replacing", scrolling);
@@ -481,7 +482,7 @@ async function search(request, preview) {
     ui.feed.classList.remove("replacing");
     if (scrolling) {
       if (preview.image?.startsWith("blob:")) URL.revokeObjectURL(preview.image);
-      setStatus("idle");
+      setStatus(...status);
       toast(`That search did not work: ${explain(error)}`);
       requestAnimationFrame(maybeLoadMore);
       return;
