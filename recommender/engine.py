@@ -231,7 +231,7 @@ class Engine:
         return session
 
     def session_info(self, session_id: str) -> SessionInfo:
-        if (owners := self._elsewhere(session_id)) is not None:
+        if (owners := self.elsewhere(session_id)) is not None:
             info: SessionInfo = owners.call(session_id, "session_info", session_id)
             return info
         session = self.sessions.get(session_id)
@@ -246,7 +246,7 @@ class Engine:
 
     def mute(self, session_id: str, term: str) -> None:
         """ "Less of this": the term stops pulling the feed and pushes matching items down."""
-        if (owners := self._elsewhere(session_id)) is not None:
+        if (owners := self.elsewhere(session_id)) is not None:
             owners.call(session_id, "mute", session_id, term)
             return
         session = self.sessions.get(session_id)
@@ -255,7 +255,7 @@ class Engine:
             session.ranking = None  # muted terms rank lower now
 
     def delete_session(self, session_id: str) -> None:
-        if (owners := self._elsewhere(session_id)) is not None:
+        if (owners := self.elsewhere(session_id)) is not None:
             owners.call(session_id, "delete_session", session_id)
             return
         self.sessions.delete(session_id)
@@ -282,9 +282,9 @@ class Engine:
     def holds_session(self, session_id: str) -> bool:
         """Whether calls for this session run in this process (else they are forwarded to
         the serving process that holds it, and wait on it)."""
-        return self._elsewhere(session_id) is None
+        return self.elsewhere(session_id) is None
 
-    def _elsewhere(self, session_id: str) -> SessionOwners | None:
+    def elsewhere(self, session_id: str) -> SessionOwners | None:
         """``owners`` when another serving process holds this session, else None."""
         owners = self.owners
         if owners is None or owners.owns(session_id):
@@ -313,7 +313,7 @@ class Engine:
         limit: int | None = None,
     ) -> Page:
         """Start (or restart) a session's scroll from ``query`` and return its first page."""
-        if session_id is not None and (owners := self._elsewhere(session_id)) is not None:
+        if session_id is not None and (owners := self.elsewhere(session_id)) is not None:
             page: Page = owners.call(
                 session_id, "search", query, session_id=session_id, filters=filters, limit=limit
             )
@@ -332,7 +332,7 @@ class Engine:
 
     def feed(self, session_id: str, limit: int | None = None) -> Page:
         """The next page of a session's scroll; never repeats an item."""
-        if (owners := self._elsewhere(session_id)) is not None:
+        if (owners := self.elsewhere(session_id)) is not None:
             page: Page = owners.call(session_id, "feed", session_id, limit)
             return page
         session = self.sessions.get(session_id)
@@ -343,7 +343,7 @@ class Engine:
 
     def feedback(self, session_id: str, events: Sequence[FeedbackEvent]) -> FeedbackResult:
         """Store dwell events durably (idempotent by event_id), then steer the session."""
-        if (owners := self._elsewhere(session_id)) is not None:
+        if (owners := self.elsewhere(session_id)) is not None:
             result: FeedbackResult = owners.call(session_id, "feedback", session_id, events)
             return result
         return self.steer_with(self.store_feedback(session_id, events))

@@ -12,7 +12,6 @@ from starlette.concurrency import run_in_threadpool
 
 from recommender.api import FeedbackEvent, FeedbackResult
 from recommender.engine import Engine
-from recommender.sessions import SessionOwners
 from service.errors import ApiError
 from service.netguard import SafeFetcher
 from service.schemas import ErrorBody
@@ -66,7 +65,7 @@ async def for_session(engine: Engine, session_id: str, method: str, *args: Any) 
     awaited here while that worker runs it (no thread waits on it); over Milvus, whose searches
     wait on a socket, in the thread pool.
     """
-    if (owners := elsewhere(engine, session_id)) is not None:
+    if (owners := engine.elsewhere(session_id)) is not None:
         return await owners.forward(session_id, method, *args)
     func = getattr(engine, method)
     if engine.searches_in_process:
@@ -88,11 +87,6 @@ async def feedback_here(
         return await run_in_threadpool(engine.feedback, session_id, events)
     stored = await run_in_threadpool(engine.store_feedback, session_id, events)
     return engine.steer_with(stored)
-
-
-def elsewhere(engine: Engine, session_id: str) -> SessionOwners | None:
-    """The engine's ``owners`` when another serving process holds this session, else None."""
-    return None if engine.holds_session(session_id) else engine.owners
 
 
 async def read_body(request: Request) -> bytes:

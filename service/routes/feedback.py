@@ -6,7 +6,7 @@ import logging
 
 from fastapi import APIRouter
 
-from service.routes.deps import EngineDep, elsewhere, error_docs, feedback_here
+from service.routes.deps import EngineDep, error_docs, feedback_here
 from service.schemas import FeedbackIn, FeedbackOut
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1", tags=["feedback"])
 async def feedback(engine: EngineDep, body: FeedbackIn) -> FeedbackOut:
     """Record dwell events; answered only once they are committed to the catalog."""
     events = [e.to_event() for e in body.events]
-    if (owners := elsewhere(engine, body.session_id)) is not None:
+    if (owners := engine.elsewhere(body.session_id)) is not None:
         result = await owners.forward(body.session_id, "feedback", body.session_id, events)
     else:
         result = await feedback_here(engine, body.session_id, events)
