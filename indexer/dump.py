@@ -32,7 +32,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, Final
@@ -101,8 +101,8 @@ class _Listing:
         """The id the image ``name`` gets as a bare image: its path under the dump root
         without the extension, or with it where another image here shares its stem (x.gif
         beside x.webp), so that no file's id depends on which one was read first."""
-        shared = name[: name.rfind(".")] in self.shared_stems
-        return self.rel_of(name) if shared else bare_id(self.rel_of(name))
+        rel = self.rel_of(name)
+        return rel if name[: name.rfind(".")] in self.shared_stems else rel[: rel.rfind(".")]
 
     def path_of(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -162,12 +162,6 @@ def normalise_tags(value: Any) -> tuple[str, ...]:
             if text:
                 tags.setdefault(text, None)
     return tuple(tags)
-
-
-def bare_id(rel: str) -> str:
-    """The id a bare image gets: its path under the dump root (``/``-separated) without the
-    extension."""
-    return rel[: rel.rfind(".")]
 
 
 def _checked_root(root: Path) -> Path:
@@ -366,8 +360,7 @@ class _DumpWalker:
             return SkippedEntry(rel, found, f"id {ident}: {_REASON_TEXT[found]}")
         self.seen_ids.add(ident)
         self.claimed.setdefault(found.directory, set()).add(found.name)
-        record = _record(item, ident, Path(found.path))
-        return replace(record, bare_id=found.bare_id)
+        return _record(item, ident, Path(found.path), found.bare_id)
 
     def _sidecar_image(self, listing: _Listing, stem: str) -> _Found | str:
         name = listing.by_stem[stem]
@@ -599,9 +592,9 @@ def _present(value: Any) -> bool:
     return value is not None and not (isinstance(value, str) and not value.strip())
 
 
-def _record(item: dict[str, Any], ident: str, path: Path) -> DumpRecord:
+def _record(item: dict[str, Any], ident: str, path: Path, bare_id: str) -> DumpRecord:
     if _FLAT_KEY in item:
-        return _flat_record(item, ident, path)
+        return _flat_record(item, ident, path, bare_id)
     meta = _unwrap_meta(item.get("meta"))
     prompt = normalise_prompt(meta.get("prompt", item.get("prompt")))
     negative = normalise_prompt(meta.get("negativePrompt", item.get("negativePrompt")))
@@ -628,10 +621,11 @@ def _record(item: dict[str, Any], ident: str, path: Path) -> DumpRecord:
         height=_opt_int(item.get("height")),
         stats=item["stats"] if isinstance(item.get("stats"), dict) else {},
         meta=meta,
+        bare_id=bare_id,
     )
 
 
-def _flat_record(item: dict[str, Any], ident: str, path: Path) -> DumpRecord:
+def _flat_record(item: dict[str, Any], ident: str, path: Path, bare_id: str) -> DumpRecord:
     """The flat record ``{image_id, url, created_at, prompt, model, original_level, tags}``."""
     return DumpRecord(
         id=ident,
@@ -647,6 +641,7 @@ def _flat_record(item: dict[str, Any], ident: str, path: Path) -> DumpRecord:
         username=_opt_str(item.get("username")),
         width=_opt_int(item.get("width")),
         height=_opt_int(item.get("height")),
+        bare_id=bare_id,
     )
 
 
