@@ -10,6 +10,7 @@ leaves either the old or the new state, never a mix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -398,6 +399,12 @@ class Catalog:
             if self._reader is not None:  # first: the last connection out cleans up the WAL
                 self._reader.close()
                 self._reader = None
+            # Fold the WAL into the database first. The last connection out deletes the WAL,
+            # but two processes closing at once (serve --workers) can each see the other
+            # still open and both leave it; folded, what is left is an empty file.
+            with contextlib.suppress(sqlite3.Error):  # busy past the timeout, read-only media
+                self._conn.execute("PRAGMA busy_timeout = 1000")  # a close waits 1 s, not 10
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.close()
             for index in self.indexes.values():
                 index.close()

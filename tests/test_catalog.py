@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,22 @@ def test_feedback_is_idempotent_by_event_id(catalog: Catalog) -> None:
     fresh, dupes = catalog.record_feedback("s1", None, [("e2", "4", 300.0), ("e3", "5", 10.0)])
     assert fresh == [1] and dupes == 1
     assert [row[2] for row in catalog.feedback_rows()] == ["3", "4", "5"]
+
+
+def test_close_folds_the_wal_even_while_another_process_holds_the_database(
+    catalog: Catalog,
+) -> None:
+    """Another worker still connected keeps the WAL file; what this one wrote is in the db."""
+    other = sqlite3.connect(catalog.path / DATABASE)  # as a second serve worker would be
+    try:
+        other.execute("SELECT COUNT(*) FROM items").fetchall()
+        catalog.record_feedback("s1", None, [("e1", "3", 1200.0)])
+        wal = catalog.path / (DATABASE + "-wal")
+        assert wal.stat().st_size > 0
+        catalog.close()
+        assert wal.stat().st_size == 0  # folded: a copy of catalog.sqlite alone has the event
+    finally:
+        other.close()
 
 
 def test_recall_tuning_asks_the_target_of_a_confident_bound_not_of_the_mean() -> None:
