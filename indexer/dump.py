@@ -7,8 +7,11 @@ why something was left out. Within a directory it reads, in this order:
 1. JSON documents (``.json``, ``.jsonl``, ``.ndjson``): civitai API pages
    ``{"items": [...]}``, lists / JSONL of items, flat records ``{"image_id", ...}``.
    An item's image is looked up by id (``<id>.<ext>``), then by the URL's file name
-   (a scheme-less URL is a path relative to the JSON), next to the JSON and then in the
-   ``images/`` folder beside it.
+   (a scheme-less URL is a path relative to the JSON), next to the JSON, then in the
+   ``images/`` folder beside it, then in those of the directories above it up to the root
+   (``pages/*.json`` or ``metadata/<id>.json`` beside ``images/``). An ``images/`` folder's
+   bare pass (3.) waits until its parent's whole subtree was walked, so that JSON anywhere
+   below that parent claims its images first.
 2. Sidecars: ``X.json`` holding one item next to an image ``X.<ext>``; id defaults to ``X``.
    They come after the documents above, so an image an API page claims stays claimed.
 3. Bare images nobody claimed: id is the path relative to the root without extension,
@@ -90,9 +93,6 @@ class _Listing:
     other_images: list[str] = field(default_factory=list)
     subdirs: list[str] = field(default_factory=list)
     escaped: list[str] = field(default_factory=list)
-    # The listing of the images/ folder beside this directory's JSON, once looked up.
-    images_folder: _Listing | None = None
-    images_folder_known: bool = False
 
     def rel_of(self, name: str) -> str:
         return f"{self.rel}/{name}" if self.rel else name
@@ -246,11 +246,21 @@ class _DumpWalker:
         self.claimed: dict[str, set[str]] = {}
         # Listings scanned ahead (an images/ folder a JSON looked into); popped when walked.
         self.listings: dict[str, _Listing] = {}
+        # The images/ folder (path, rel) of each directory on the walk's current path that has
+        # one: JSON anywhere below that directory looks there. Dropped once it was walked.
+        self.images_of: dict[str, tuple[str, str]] = {}
+        # images/ folders walked whose bare pass waits for the end of their parent's subtree.
+        self.waiting: dict[str, _Listing | None] = {}
 
     def walk(self) -> Iterator[Entry]:
-        stack: list[tuple[str, str]] = [(self.root, "")]
+        # A plain string on the stack marks the end of a subtree: its images/ folder's bare pass.
+        stack: list[tuple[str, str] | str] = [(self.root, "")]
         while stack:
-            directory, rel = stack.pop()
+            top = stack.pop()
+            if isinstance(top, str):
+                yield from self._waited_images(top)
+                continue
+            directory, rel = top
             try:
                 listing = self.listings.pop(directory, None) or _scan(directory, rel, self.root)
             except OSError as exc:
@@ -258,6 +268,11 @@ class _DumpWalker:
                     raise DumpError(f"cannot list dump root {directory}: {exc}") from exc
                 yield SkippedEntry(rel, "unreadable", str(exc))
                 continue
+            if _IMAGES_DIR in listing.subdirs:
+                images = listing.path_of(_IMAGES_DIR)
+                self.images_of[directory] = (images, listing.rel_of(_IMAGES_DIR))
+                self.waiting[images] = None
+                stack.append(directory)  # popped after every directory below this one
             yield from self._directory(listing)
             for name in reversed(listing.subdirs):
                 stack.append((listing.path_of(name), listing.rel_of(name)))
@@ -269,8 +284,18 @@ class _DumpWalker:
         sidecars = [n for n in listing.json_files if _is_sidecar_name(listing, n)]
         for name in documents + sidecars:
             yield from self._json_file(listing, name)
-        yield from self._bare_images(listing)
-        self.claimed.pop(listing.path, None)
+        if listing.path in self.waiting:
+            self.waiting[listing.path] = listing
+        else:
+            yield from self._bare_images(listing)
+
+    def _waited_images(self, parent: str) -> Iterator[Entry]:
+        """The bare pass of ``parent``'s images/ folder, now that all JSON below ``parent``
+        (which may claim its images) was read."""
+        images, _ = self.images_of.pop(parent)
+        listing = self.waiting.pop(images)
+        if listing is not None:  # None: it could not be listed (reported when walked)
+            yield from self._bare_images(listing)
 
     # ---- JSON ------------------------------------------------------------------------
 
@@ -375,10 +400,7 @@ class _DumpWalker:
 
     def _locate(self, listing: _Listing, ident: str, url: str | None) -> _Found | str:
         """Find an item's image by id, then by URL file name; a reason code when not found."""
-        places = [listing]
-        images = self._images_folder(listing)
-        if images is not None:
-            places.append(images)
+        places = [listing, *self._images_folders(listing)]
         escaped = False
         if _is_safe_name(ident):
             for place in places:
@@ -429,19 +451,24 @@ class _DumpWalker:
             return "missing_image"
         return _found_or_escaped(place, pieces[-1])
 
-    def _images_folder(self, listing: _Listing) -> _Listing | None:
-        """The listing of ``images/`` beside a JSON, looked up once per directory."""
-        if not listing.images_folder_known:
-            listing.images_folder_known = True
-            if _IMAGES_DIR in listing.subdirs:
-                listing.images_folder = self._listing_of(
-                    listing.path_of(_IMAGES_DIR), listing.rel_of(_IMAGES_DIR)
-                )
-        return listing.images_folder
+    def _images_folders(self, listing: _Listing) -> Iterator[_Listing]:
+        """The ``images/`` folders a JSON in ``listing`` looks in: its own, then those of the
+        directories above it up to the root, nearest first."""
+        directory = listing.path
+        while True:
+            folder = self.images_of.get(directory)
+            if folder is not None and folder[0] != listing.path:
+                images = self._listing_of(*folder)
+                if images is not None:
+                    yield images
+            if directory == self.root:
+                return
+            directory = os.path.dirname(directory)
 
     def _listing_of(self, directory: str, rel: str) -> _Listing | None:
-        """A directory's listing, scanned once and kept until the walk reaches it."""
-        listing = self.listings.get(directory)
+        """A directory's listing, scanned once and kept until the walk reaches it (an
+        images/ folder's, until its bare pass)."""
+        listing = self.waiting.get(directory) or self.listings.get(directory)
         if listing is None:
             try:
                 listing = _scan(directory, rel, self.root)
@@ -453,7 +480,7 @@ class _DumpWalker:
     # ---- bare images -----------------------------------------------------------------
 
     def _bare_images(self, listing: _Listing) -> Iterator[Entry]:
-        claimed = self.claimed.get(listing.path, set())
+        claimed = self.claimed.pop(listing.path, set())
         for name, path in listing.images.items():
             if name in claimed:
                 continue
@@ -668,27 +695,28 @@ class _FormatSniffer:
         self.root = str(root)
         self.budget = sample
         self.kinds: set[str] = set()
+        # An images/ folder without JSON of its own is what the dump's JSON refers to, if it
+        # has any (beside it, or in pages/ beside it); a bare dump only where none has.
+        self.images_folder_without_json = False
 
     def detect(self) -> str:
-        # (directory, rel, whether its parent holds JSON that may claim an images/ folder)
-        stack: list[tuple[str, str, bool]] = [(self.root, "", False)]
+        stack: list[tuple[str, str]] = [(self.root, "")]
         while stack:
-            directory, rel, parent_has_json = stack.pop()
+            directory, rel = stack.pop()
             try:
                 listing = _scan(directory, rel, self.root)
             except OSError:
                 continue
-            covered = parent_has_json and os.path.basename(directory) == _IMAGES_DIR
-            self._classify(listing, covered=covered)
+            self._classify(listing)
             for name in listing.subdirs:
-                stack.append(
-                    (listing.path_of(name), listing.rel_of(name), bool(listing.json_files))
-                )
+                stack.append((listing.path_of(name), listing.rel_of(name)))
+        if not self.kinds and self.images_folder_without_json:
+            self.kinds.add(FORMAT_BARE)
         if not self.kinds:
             return FORMAT_EMPTY
         return self.kinds.pop() if len(self.kinds) == 1 else FORMAT_MIXED
 
-    def _classify(self, listing: _Listing, *, covered: bool) -> None:
+    def _classify(self, listing: _Listing) -> None:
         for name, path in listing.json_files.items():
             if self.budget <= 0:
                 break
@@ -700,8 +728,11 @@ class _FormatSniffer:
                 kind = FORMAT_SIDECAR if _is_sidecar_name(listing, name) else FORMAT_API
             if kind is not None:
                 self.kinds.add(kind)
-        if listing.images and not listing.json_files and not covered:
-            self.kinds.add(FORMAT_BARE)
+        if listing.images and not listing.json_files:
+            if os.path.basename(listing.path) == _IMAGES_DIR:
+                self.images_folder_without_json = True
+            else:
+                self.kinds.add(FORMAT_BARE)
 
 
 def _sniff_json(path: str) -> str | None:

@@ -126,6 +126,45 @@ def test_claimed_images_are_not_read_again_as_bare(api_dump: Path) -> None:
     assert sorted(records) == ["101", "102", "103", "104", "105", "images/stray"]
 
 
+def test_json_in_a_folder_beside_images_finds_them_before_they_go_in_bare(tmp_path: Path) -> None:
+    """pages/*.json and metadata/<id>.json beside images/ (images/ sorts first, so it is
+    walked first): the images wait for the JSON below their parent, nearest images/ first."""
+    root = tmp_path / "dump"
+    write_image(root / "images" / "1.jpeg")
+    write_image(root / "images" / "x-u.png")  # found through item 2's URL
+    write_image(root / "images" / "3.webp")
+    write_image(root / "images" / "4.png")  # shadowed: item 4's nearer images/ has one
+    write_image(root / "pages" / "images" / "4.png", "blue")
+    write_image(root / "images" / "stray.png")  # nobody's: bare
+    page = [
+        api_item(1, meta={"prompt": "page one"}),
+        api_item(2, url="https://image.civitai.com/x/y/width=512/x-u.png"),
+        api_item(4),
+    ]
+    write_json(root / "pages" / "page_0001.json", {"items": page})
+    write_json(root / "metadata" / "2024" / "3.json", api_item(3, meta={"prompt": "deep"}))
+    records, skipped = read(root)
+    assert sorted(records) == ["1", "2", "3", "4", "images/4", "images/stray"]
+    assert not skipped
+    assert records["1"].image_path == root / "images" / "1.jpeg"
+    assert records["1"].prompt == "page one"
+    assert records["2"].image_path == root / "images" / "x-u.png"
+    assert records["3"].image_path == root / "images" / "3.webp"
+    assert records["3"].prompt == "deep"
+    assert records["4"].image_path == root / "pages" / "images" / "4.png"
+    assert records["images/4"].prompt is None  # read bare
+    assert detect_format(root) == "civitai-api"
+
+
+def test_an_images_folder_is_only_looked_into_from_json_below_its_parent(tmp_path: Path) -> None:
+    root = tmp_path / "dump"
+    write_image(root / "a" / "images" / "7.png")
+    write_json(root / "b" / "page.json", {"items": [api_item(7)]})  # a/images is not b's
+    records, skipped = read(root)
+    assert sorted(records) == ["a/images/7"]
+    assert reasons(skipped) == {"b/page.json": "missing_image"}
+
+
 def test_nsfw_levels_from_civitai_and_other_ratings(tmp_path: Path) -> None:
     root = tmp_path / "dump"
     cases = {

@@ -77,12 +77,14 @@ def test_rerun_processes_only_new_or_changed_files(sample_dump: Path, tmp_path: 
     assert len(catalog) == first.indexed  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("page_file", ["page.json", "pages/page.json"])
 def test_metadata_that_arrives_after_its_images_were_indexed_bare_is_taken(
-    tmp_path: Path,
+    tmp_path: Path, page_file: str
 ) -> None:
     """Images downloaded before their JSON pages (or a page that could not be read until it
     was fixed): the re-run gives the items their records' ids and metadata, as a fresh index
-    of the same dump would, and the bare ids stay as aliases."""
+    of the same dump would, and the bare ids stay as aliases. pages/ beside images/ is also
+    how a catalog built before lookalike looked there is mended."""
     dump = tmp_path / "dump"
     (dump / "images").mkdir(parents=True)
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
@@ -99,7 +101,8 @@ def test_metadata_that_arrives_after_its_images_were_indexed_bare_is_taken(
             for n in (1, 2, 3)
         ]
     }
-    (dump / "page.json").write_text(json.dumps(page))
+    (dump / page_file).parent.mkdir(exist_ok=True)
+    (dump / page_file).write_text(json.dumps(page))
     catalog, second = run_index(dump, tmp_path / "cat")
     assert second.indexed == 0 and second.metadata_updated == 3  # type: ignore[attr-defined]
     assert len(catalog) == 3
