@@ -12,7 +12,8 @@ why something was left out. Within a directory it reads, in this order:
    (``pages/*.json`` or ``metadata/<id>.json`` beside ``images/``). An ``images/`` folder's
    bare pass (3.) waits until its parent's whole subtree was walked, so that JSON anywhere
    below that parent claims its images first.
-2. Sidecars: ``X.json`` holding one item next to an image ``X.<ext>``; id defaults to ``X``.
+2. Sidecars: ``X.json`` holding one item next to an image ``X.<ext>``; id defaults to ``X``
+   (as it does for a one-item ``X.json`` with no image beside it, ``metadata/123.json``).
    They come after the documents above, so an image an API page claims stays claimed.
 3. Bare images nobody claimed: id is the path relative to the root without extension,
    prompt from ``read_embedded_metadata``.
@@ -372,6 +373,8 @@ class _DumpWalker:
         ident: str | None = own_id or sidecar
         if own_id is None and sidecar is not None and sidecar in listing.images:
             ident = listing.bare_id_of(sidecar)
+        elif ident is None and sidecar_stem is not None and _is_safe_name(sidecar_stem):
+            ident = sidecar_stem  # metadata/123.json, its image 123.jpeg in images/ above
         if ident is None:
             return SkippedEntry(rel, "bad_item", "the item has no id")
         if ident in self.seen_ids:

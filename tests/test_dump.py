@@ -143,9 +143,13 @@ def test_json_in_a_folder_beside_images_finds_them_before_they_go_in_bare(tmp_pa
     ]
     write_json(root / "pages" / "page_0001.json", {"items": page})
     write_json(root / "metadata" / "2024" / "3.json", api_item(3, meta={"prompt": "deep"}))
+    write_image(root / "images" / "5.png")
+    write_json(root / "metadata" / "5.json", {"meta": {"prompt": "no id: the file's name"}})
+    write_json(root / "metadata" / "6.json", {"meta": {"prompt": "no image anywhere"}})
     records, skipped = read(root)
-    assert sorted(records) == ["1", "2", "3", "4", "images/4", "images/stray"]
-    assert not skipped
+    assert sorted(records) == ["1", "2", "3", "4", "5", "images/4", "images/stray"]
+    assert reasons(skipped) == {"metadata/6.json": "missing_image"}
+    assert records["5"].prompt == "no id: the file's name"
     assert records["1"].image_path == root / "images" / "1.jpeg"
     assert records["1"].prompt == "page one"
     assert records["2"].image_path == root / "images" / "x-u.png"
