@@ -424,3 +424,48 @@ def test_looks_the_forgotten_session_refused_reach_the_session_that_took_over(
     _wait_for(lambda: len(live.feedback(taken_over)) > 0, timeout_s=20)
     assert [e for e in errors if "status of 404" not in e] == [], errors
     context.close()
+
+
+def test_api_docs_without_the_cdn_show_a_plain_reference(live: LiveServer, browser: Any) -> None:
+    """/docs loads Swagger UI from a CDN; offline, the page lists the API from /openapi.json."""
+    context = browser.new_context()
+    page = context.new_page()
+    blocked: list[str] = []
+
+    def offline(route: Any) -> None:
+        blocked.append(route.request.url)
+        route.abort()
+
+    page.route("https://**/*", offline)  # the CDN, as a network without internet has it
+    try:
+        page.goto(f"{live.url}/docs")
+        page.wait_for_selector(".api-reference")
+        headings = page.eval_on_selector_all(".operation h3", "els => els.map(e => e.textContent)")
+        assert {"POST /v1/search", "GET /v1/feed", "POST /v1/feedback"} <= set(headings)
+        assert "POST /knn-service" in headings
+        link = page.get_attribute(".operation a[href^='#schema-']", "href")
+        assert link and page.query_selector(link) is not None  # schema links land on a schema
+        assert any("swagger-ui" in url for url in blocked)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "api-docs-offline.png"))
+    finally:
+        context.close()
+
+
+def test_api_docs_with_the_cdn_leave_swagger_ui_alone(live: LiveServer, browser: Any) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    # A stand-in for the CDN's bundle: all the fallback looks for is SwaggerUIBundle.
+    stub = "window.SwaggerUIBundle = Object.assign(() => ({}), {presets: {}});"
+    page.route(
+        "https://**/*.js", lambda route: route.fulfill(body=stub, content_type="text/javascript")
+    )
+    page.route("https://**/*.css", lambda route: route.fulfill(body="", content_type="text/css"))
+    try:
+        page.goto(f"{live.url}/docs")
+        page.wait_for_load_state("load")
+        assert page.evaluate("typeof window.SwaggerUIBundle") == "function"
+        assert page.query_selector("head style") is None  # the fallback adds one first thing
+        assert page.query_selector(".api-reference") is None
+    finally:
+        context.close()
