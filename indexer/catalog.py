@@ -613,6 +613,21 @@ class Catalog:
                 (file, reason, detail[:500], size, mtime_ns),
             )
 
+    def aliases_of(self, ids: Sequence[str]) -> list[str]:
+        """The duplicate ids (other files with the same bytes, stored once) naming the items
+        ``ids``: ``delete`` removes them with their items."""
+        aliases: list[str] = []
+        for chunk, marks in _in_batches(ids):
+            aliases += [
+                row[0]
+                for row in self._read(
+                    "SELECT d.id FROM duplicates d JOIN items i ON i.key = d.of_key "
+                    f"WHERE i.id IN ({marks}) ORDER BY d.id",
+                    chunk,
+                )
+            ]
+        return aliases
+
     def delete(self, ids: Iterable[str]) -> list[str]:
         """Delete items (and duplicate aliases) by id. Returns the ids that existed.
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -229,13 +230,22 @@ def delete(
 
     settings = settings_from(catalog=catalog)
     with Catalog.open(settings.catalog) as cat:
+        aliases = cat.aliases_of(ids)
         deleted = cat.delete(ids)
     missing = sorted(set(ids) - set(deleted))
+    aliases = [alias for alias in aliases if alias not in ids]
     typer.echo(
-        f"deleted {len(deleted)}" + (f"; not found: {', '.join(missing)}" if missing else "")
+        f"deleted {len(deleted)}"
+        + (f" and their duplicate ids {_listed(aliases)}" if aliases else "")
+        + (f"; not found: {_listed(missing)}" if missing else "")
     )
     if missing and not deleted:
         raise typer.Exit(1)
+
+
+def _listed(names: Sequence[str], shown: int = 10) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 @app.command()

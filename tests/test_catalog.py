@@ -15,6 +15,7 @@ from indexer.errors import CatalogError, EncoderMismatchError
 from indexer.filters import Filters
 from indexer.records import DumpRecord
 from indexer.vector_index import IndexPolicy, VectorIndex, meets_target
+from tests.cli_helpers import run_cli
 
 DIM = 16
 SPECS = {
@@ -139,6 +140,27 @@ def test_delete_removes_rows_and_vectors_and_survives_reopen(catalog: Catalog) -
         assert len(reopened) == 38
         assert reopened.item("1") is None and reopened.item("3") is not None
         assert all(len(index) == 38 for index in reopened.indexes.values())
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_delete_command_names_the_duplicate_ids_that_go_with_an_item(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = catalog.key_for_id("1")
+    assert key is not None
+    catalog.add_duplicate("copy-of-1", key, "/dump/copy.png", 10, 0)
+    catalog.add_duplicate("copy-of-2", catalog.key_for_id("2") or 0, "/dump/two.png", 10, 0)
+    assert catalog.aliases_of(["1", "3"]) == ["copy-of-1"]
+    path = catalog.path
+    catalog.close()
+    assert run_cli(monkeypatch, "delete", "--catalog", str(path), "1", "nope") == 0
+    assert capsys.readouterr().out.strip() == (
+        "deleted 1 and their duplicate ids copy-of-1; not found: nope"
+    )
+    with Catalog.open(path) as reopened:
+        assert reopened.key_for_id("copy-of-1") is None
+        assert reopened.key_for_id("copy-of-2") is not None
+    assert run_cli(monkeypatch, "delete", "--catalog", str(path), "nope") == 1
 
 
 def test_reopen_with_other_encoders_is_refused(catalog: Catalog) -> None:
