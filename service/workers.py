@@ -541,6 +541,10 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     balanced = count > 1 and sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+    if balanced and port != 0:
+        # SO_REUSEPORT would also join a port another server with workers listens on (another
+        # catalog, say), taking half its connections: a plain bind first refuses a port in use.
+        socket.create_server((host, port), family=family).close()
     socks: list[socket.socket] = []
     try:
         for _ in range(count if balanced else 1):

@@ -363,6 +363,21 @@ def test_workers_listen_on_one_port_with_a_socket_each_and_connections_spread() 
             each.close()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balancing is Linux's")
+def test_workers_refuse_a_port_another_server_with_workers_listens_on() -> None:
+    other = listening_sockets("127.0.0.1", 0, 2)  # a running `serve --workers 2`
+    try:
+        port = other[0].getsockname()[1]
+        with pytest.raises(OSError):
+            listening_sockets("127.0.0.1", port, 2)
+    finally:
+        for sock in other:
+            sock.close()
+    socks = listening_sockets("127.0.0.1", port, 2)  # free again: taken
+    for sock in socks:
+        sock.close()
+
+
 def test_new_sessions_are_spread_over_the_workers_whichever_one_was_asked(
     catalog: Catalog, run_dir: Path
 ) -> None:
