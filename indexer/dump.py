@@ -14,6 +14,7 @@ why something was left out. Within a directory it reads, in this order:
    below that parent claims its images first.
 2. Sidecars: ``X.json`` holding one item next to an image ``X.<ext>``; id defaults to ``X``
    (as it does for a one-item ``X.json`` with no image beside it, ``metadata/123.json``).
+   gallery-dl's ``X.<ext>.json`` holds its civitai item nested (``_from_gallery_dl``).
    They come after the documents above, so an image an API page claims stays claimed.
 3. Bare images nobody claimed: id is the path relative to the root without extension,
    prompt from ``read_embedded_metadata``.
@@ -63,9 +64,11 @@ RESERVED_FILENAMES: Final = frozenset({GROUND_TRUTH_FILENAME})
 
 JSON_EXTENSIONS: Final = frozenset({".json", ".jsonl", ".ndjson"})
 _JSONL_EXTENSIONS: Final = frozenset({".jsonl", ".ndjson"})
-# Image files we recognise but cannot index: reported rather than silently ignored.
-_OTHER_IMAGE_EXTENSIONS: Final = frozenset(
+# Image and video files we recognise but cannot index: reported rather than silently ignored
+# (civitai posts videos too).
+_OTHER_MEDIA_EXTENSIONS: Final = frozenset(
     {".bmp", ".tif", ".tiff", ".svg", ".avif", ".heic", ".heif", ".jxl", ".ico", ".jp2"}
+    | {".mp4", ".webm", ".mov", ".mkv", ".m4v", ".avi"}
 )
 _IMAGES_DIR: Final = "images"
 _ITEM_KEYS: Final = frozenset(
@@ -91,7 +94,8 @@ class _Listing:
     by_stem: dict[str, str] = field(default_factory=dict)
     shared_stems: set[str] = field(default_factory=set)  # "x" where x.gif and x.webp are here
     json_files: dict[str, str | None] = field(default_factory=dict)
-    other_images: list[str] = field(default_factory=list)
+    other_media: list[str] = field(default_factory=list)  # image and video files not indexable
+    other_by_stem: dict[str, str] = field(default_factory=dict)
     subdirs: list[str] = field(default_factory=list)
     escaped: list[str] = field(default_factory=list)
 
@@ -224,8 +228,9 @@ def _add_file(listing: _Listing, name: str, path: str) -> None:
         _add_image(listing, name, path)
     elif ext in JSON_EXTENSIONS:
         listing.json_files[name] = path
-    elif ext in _OTHER_IMAGE_EXTENSIONS:
-        listing.other_images.append(name)
+    elif ext in _OTHER_MEDIA_EXTENSIONS:
+        listing.other_media.append(name)
+        listing.other_by_stem.setdefault(name[: name.rfind(".")], name)
 
 
 def _add_image(listing: _Listing, name: str, path: str | None) -> None:
@@ -354,7 +359,7 @@ class _DumpWalker:
             sidecar_stem = None
         elif isinstance(document, list):
             items, sidecar_stem = document, None
-        elif isinstance(document, dict) and (_FLAT_KEY in document or _ITEM_KEYS & document.keys()):
+        elif isinstance(document, dict) and (_FLAT_KEY in document or _is_item(document)):
             items = [document]
         else:
             yield SkippedEntry(rel, "unknown_json", "neither an API page, an item nor a record")
@@ -366,6 +371,7 @@ class _DumpWalker:
     def _item(self, listing: _Listing, rel: str, item: Any, sidecar_stem: str | None) -> Entry:
         if not isinstance(item, dict):
             return SkippedEntry(rel, "bad_item", f"an item must be an object, not {type(item)}")
+        item = _from_gallery_dl(item)
         sidecar = sidecar_stem if sidecar_stem in listing.by_stem else None
         own_id = _as_id(item.get(_FLAT_KEY, item.get("id")))
         # Without an id of its own: a 123.json sidecar's is its stem (as always); a gallery-dl
@@ -374,7 +380,9 @@ class _DumpWalker:
         if own_id is None and sidecar is not None and sidecar in listing.images:
             ident = listing.bare_id_of(sidecar)
         elif ident is None and sidecar_stem is not None and _is_safe_name(sidecar_stem):
-            ident = sidecar_stem  # metadata/123.json, its image 123.jpeg in images/ above
+            # metadata/123.json (or 123.jpeg.json), its image 123.jpeg in images/ above
+            has_extension = _extension(sidecar_stem) in IMAGE_EXTENSIONS
+            ident = sidecar_stem[: sidecar_stem.rfind(".")] if has_extension else sidecar_stem
         if ident is None:
             return SkippedEntry(rel, "bad_item", "the item has no id")
         if ident in self.seen_ids:
@@ -416,7 +424,24 @@ class _DumpWalker:
             found = self._locate_url(listing, places, url)
             if not isinstance(found, str) or found == "outside_root":
                 return found
-        return "outside_root" if escaped else "missing_image"
+        if escaped:
+            return "outside_root"
+        return self._unsupported_file(places, ident, url) or "missing_image"
+
+    def _unsupported_file(self, places: list[_Listing], ident: str, url: str | None) -> str | None:
+        """``unsupported_format`` where the item's file is there but not indexable (a video, a
+        BMP), claimed so that it is reported once, with its item."""
+        stems = [ident]
+        if url is not None:
+            url_name = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+            stems.append(url_name[: url_name.rfind(".")] if "." in url_name else url_name)
+        for place in places:
+            for stem in stems:
+                name = place.other_by_stem.get(stem)
+                if name is not None:
+                    self.claimed.setdefault(place.path, set()).add(name)
+                    return "unsupported_format"
+        return None
 
     def _locate_url(self, listing: _Listing, places: list[_Listing], url: str) -> _Found | str:
         parts = urlsplit(url)
@@ -497,14 +522,17 @@ class _DumpWalker:
                 continue
             self.seen_ids.add(ident)
             yield _bare_record(ident, Path(path))
-        for name in listing.other_images:
-            yield SkippedEntry(listing.rel_of(name), "unsupported_format", "not JPEG/PNG/WebP/GIF")
+        for name in listing.other_media:
+            if name not in claimed:  # an item's file: reported with the item
+                yield SkippedEntry(listing.rel_of(name), "unsupported_format", _UNSUPPORTED)
 
 
+_UNSUPPORTED: Final = "not JPEG/PNG/WebP/GIF"
 _REASON_TEXT: Final = {
     "missing_image": "no image file found by id or URL file name",
     "outside_root": "the image reference leaves the dump root",
     "duplicate_id": "its image was already read from another record",
+    "unsupported_format": f"its file is {_UNSUPPORTED}",
 }
 
 
@@ -594,13 +622,40 @@ def _opt_int(value: Any) -> int | None:
     return number if number > 0 else None
 
 
+def _is_item(document: dict[str, Any]) -> bool:
+    """An API item, or gallery-dl's nesting of one (see ``_from_gallery_dl``)."""
+    return bool(_ITEM_KEYS & document.keys()) or isinstance(document.get("file"), dict)
+
+
+def _from_gallery_dl(item: dict[str, Any]) -> dict[str, Any]:
+    """gallery-dl's civitai metadata as one API item. It nests the API's image under ``file``
+    and puts the uploader under ``user``, the generation data (with its ``meta``) under
+    ``generation`` and the tags under ``tags``, at the top level or in ``file``; ``url`` at the
+    top level is what it downloaded (``file.url`` may be a bare uuid)."""
+    file = item.get("file")
+    if not isinstance(file, dict) or "id" in item or _FLAT_KEY in item:
+        return item
+    flat = dict(file)
+    user = item.get("user") or file.get("user")
+    if isinstance(user, dict) and not flat.get("username"):
+        flat["username"] = user.get("username")
+    generation = item.get("generation") or file.get("generation")
+    if not flat.get("meta") and isinstance(generation, dict):
+        flat["meta"] = generation.get("meta")
+    if not flat.get("tags") and item.get("tags"):
+        flat["tags"] = item["tags"]
+    if isinstance(item.get("url"), str):
+        flat["url"] = item["url"]
+    return flat
+
+
 def _unwrap_meta(value: Any) -> dict[str, Any]:
     """civitai's ``meta`` is an object, null, or nested as ``{"id": .., "meta": {...}}``."""
     if not isinstance(value, dict):
         return {}
-    inner = value.get("meta")
-    if isinstance(inner, dict) and "prompt" not in value:
-        return inner
+    if "meta" in value and "prompt" not in value:
+        inner = value["meta"]
+        return inner if isinstance(inner, dict) else {}  # {"id": 1, "meta": null}: no meta
     return value
 
 
@@ -755,6 +810,6 @@ def _sniff_json(path: str) -> str | None:
         return None
     if _FLAT_KEY in first:
         return FORMAT_FLAT
-    if _ITEM_KEYS & first.keys():
+    if _is_item(first):
         return FORMAT_API if isinstance(document, list) else "item"
     return None

@@ -146,8 +146,11 @@ def test_json_in_a_folder_beside_images_finds_them_before_they_go_in_bare(tmp_pa
     write_image(root / "images" / "5.png")
     write_json(root / "metadata" / "5.json", {"meta": {"prompt": "no id: the file's name"}})
     write_json(root / "metadata" / "6.json", {"meta": {"prompt": "no image anywhere"}})
+    write_image(root / "images" / "8.png")
+    write_json(root / "metadata" / "8.png.json", {"meta": {"prompt": "named as gallery-dl does"}})
     records, skipped = read(root)
-    assert sorted(records) == ["1", "2", "3", "4", "5", "images/4", "images/stray"]
+    assert sorted(records) == ["1", "2", "3", "4", "5", "8", "images/4", "images/stray"]
+    assert records["8"].prompt == "named as gallery-dl does"
     assert reasons(skipped) == {"metadata/6.json": "missing_image"}
     assert records["5"].prompt == "no id: the file's name"
     assert records["1"].image_path == root / "images" / "1.jpeg"
@@ -167,6 +170,82 @@ def test_an_images_folder_is_only_looked_into_from_json_below_its_parent(tmp_pat
     records, skipped = read(root)
     assert sorted(records) == ["a/images/7"]
     assert reasons(skipped) == {"b/page.json": "missing_image"}
+
+
+def test_gallery_dl_civitai_metadata_is_read_from_its_nesting(tmp_path: Path) -> None:
+    """gallery-dl's civitai extractor writes civitai/<user>/images/<file id>.<ext> and, with
+    --write-metadata, <file id>.<ext>.json: the API's image under "file", the uploader under
+    "user", generation data and tags at the top level (images) or in "file" (posts)."""
+    root = tmp_path / "dump"
+    folder = root / "civitai" / "alice" / "images"
+    write_image(folder / "41234500.png")
+    write_image(folder / "41234501.jpeg")
+    image = {
+        "id": 41234500,
+        "url": "5c4efa68-bb58-47c5-a716-98cd0f51f047",  # tRPC gives the uuid alone
+        "nsfwLevel": 16,
+        "createdAt": "2025-01-02T03:04:05.000Z",
+        "baseModel": "SDXL 1.0",
+        "stats": {"likeCountAllTime": 4},
+        "user": None,
+    }
+    write_json(
+        folder / "41234500.png.json",
+        {
+            "file": image,
+            "user": {"id": 9, "username": "alice"},
+            "generation": {"type": "image", "meta": {"prompt": "a knight", "Model": "jugg"}},
+            "tags": [{"id": 1, "name": "Knight", "type": "Label"}],
+            "url": "https://image.civitai.com/xG1nkqKTMzGDvpLrqFT7WA/5c4e/original=true/41234500.png",
+            "category": "civitai",
+            "subcategory": "image",
+        },
+    )
+    post_image = {"id": 41234501, "nsfwLevel": 4, "tags": ["castle"], "generation": None}
+    write_json(
+        folder / "41234501.jpeg.json",
+        {"num": 1, "file": post_image, "post": {"id": 5}, "user": {"username": "alice"}},
+    )
+    records, skipped = read(root)
+    assert not skipped and sorted(records) == ["41234500", "41234501"]
+    knight = records["41234500"]
+    assert (knight.nsfw_level, knight.username, knight.base_model) == (4, "alice", "SDXL 1.0")
+    assert (knight.prompt, knight.model_name, knight.tags) == ("a knight", "jugg", ("knight",))
+    assert knight.created_at == "2025-01-02T03:04:05.000Z"
+    assert knight.url is not None and knight.url.endswith("/original=true/41234500.png")
+    assert knight.stats == {"likeCountAllTime": 4}
+    assert knight.bare_id == "civitai/alice/images/41234500"  # an item indexed bare is renamed
+    castle = records["41234501"]
+    assert (castle.nsfw_level, castle.tags, castle.prompt) == (2, ("castle",), None)  # 4: Mature
+
+
+def test_an_item_whose_file_is_a_video_or_bmp_is_skipped_once_as_unsupported(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "dump"
+    write_image(root / "images" / "1.png")
+    (root / "images" / "2.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    (root / "images" / "clip.webm").write_bytes(b"\x1aE\xdf\xa3")
+    (root / "images" / "3.bmp").write_bytes(b"BM")
+    (root / "images" / "stray.mov").write_bytes(b"")
+    items = [api_item(1), api_item(2), api_item(3), api_item(4, url="https://x/y/clip.webm")]
+    write_json(root / "page.json", {"items": items})
+    records, skipped = read(root)
+    assert sorted(records) == ["1"]
+    assert reasons(skipped) == {
+        "page.json#1": "unsupported_format",
+        "page.json#2": "unsupported_format",
+        "page.json#3": "unsupported_format",
+        "images/stray.mov": "unsupported_format",  # nobody's: reported by the bare pass
+    }
+
+
+def test_a_nested_meta_that_is_null_is_no_meta(tmp_path: Path) -> None:
+    root = tmp_path / "dump"
+    write_image(root / "1.png")
+    write_json(root / "page.json", {"items": [api_item(1, meta={"id": 1, "meta": None})]})
+    records, _ = read(root)
+    assert records["1"].meta == {} and records["1"].prompt is None
 
 
 def test_nsfw_levels_from_civitai_and_other_ratings(tmp_path: Path) -> None:
