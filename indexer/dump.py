@@ -612,16 +612,6 @@ def _opt_str(value: Any) -> str | None:
     return None
 
 
-def _opt_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        number = int(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: Infinity
-        return None
-    return number if number > 0 else None
-
-
 def _is_item(document: dict[str, Any]) -> bool:
     """An API item, or gallery-dl's nesting of one (see ``_from_gallery_dl``)."""
     return bool(_ITEM_KEYS & document.keys()) or isinstance(document.get("file"), dict)
@@ -702,8 +692,6 @@ def _record(item: dict[str, Any], ident: str, path: Path, bare_id: str) -> DumpR
         model_name=_opt_str(meta.get("Model") or meta.get("model")),
         created_at=_opt_str(item.get("createdAt")),
         username=_opt_str(item.get("username")),
-        width=_opt_int(item.get("width")),
-        height=_opt_int(item.get("height")),
         stats=item["stats"] if isinstance(item.get("stats"), dict) else {},
         meta=meta,
         bare_id=bare_id,
@@ -724,8 +712,6 @@ def _flat_record(item: dict[str, Any], ident: str, path: Path, bare_id: str) -> 
         model_name=_opt_str(item.get("model")),
         created_at=_opt_str(item.get("created_at")),
         username=_opt_str(item.get("username")),
-        width=_opt_int(item.get("width")),
-        height=_opt_int(item.get("height")),
         bare_id=bare_id,
     )
 

@@ -116,6 +116,7 @@ def decode_image(
 
     ``draft_size``: for JPEG only, decode at a reduced scale (1/2, 1/4, 1/8) whose short
     side is still at least ``draft_size`` pixels; much faster when the caller resizes anyway.
+    ``image.info["source_size"]`` is the file's own (width, height), upright, either way.
 
     Raises ``ImageRejected`` with ``reason`` one of ``empty``, ``not_an_image``,
     ``unsupported_format``, ``too_large``, ``decompression_bomb``, ``too_many_frames``,
@@ -124,9 +125,11 @@ def decode_image(
     data = _read_limited(source, limits.max_bytes)
     stream = io.BytesIO(data)
     image = _open_checked(stream, limits)
+    drafted = draft_size is not None and image.format == "JPEG"
+    header_size = image.size
     try:
         _check_frames(image, data, limits.max_frames)
-        if draft_size is not None and image.format == "JPEG":
+        if draft_size is not None and drafted:
             image.draft("RGB", (draft_size, draft_size))
         image.load()
     except Image.DecompressionBombError as exc:
@@ -134,7 +137,13 @@ def decode_image(
     except _DECODE_ERRORS as exc:
         raise _rejection_for(exc, ran_out=False) from exc
     _check_dimensions(image.size, limits)  # a GIF frame may grow the canvas while loading
-    return _to_rgb(_apply_orientation(image))
+    width, height = header_size if drafted else image.size
+    upright = _apply_orientation(image)
+    if upright.size != image.size:  # turned a quarter
+        width, height = height, width
+    rgb = _to_rgb(upright)
+    rgb.info["source_size"] = (width, height)
+    return rgb
 
 
 def sniff_format(head: bytes) -> str | None:

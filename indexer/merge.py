@@ -475,8 +475,6 @@ def _new_item(item: CatalogItem, file: tuple[str, int, int]) -> NewItem:
         model_name=item.model_name,
         created_at=item.created_at,
         username=item.username,
-        width=item.width,
-        height=item.height,
         stats=item.stats,
         meta=item.meta,
     )

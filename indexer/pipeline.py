@@ -263,9 +263,10 @@ def _new_item(d: Decoded) -> NewItem:
         content_hash=d.content_hash,
         file_size=d.size,
         file_mtime_ns=d.mtime_ns,
-        # The decoder may have drafted a smaller JPEG; trust the header-reported size first.
-        width=d.record.width or d.image.width,
-        height=d.record.height or d.image.height,
+        # The file's size, as served: a dump's width and height are often the original's,
+        # larger than the copy downloaded (civitai's width=... URLs).
+        width=d.image.info.get("source_size", d.image.size)[0],
+        height=d.image.info.get("source_size", d.image.size)[1],
     )
 
 

@@ -78,8 +78,6 @@ class DumpRecord:
     model_name: str | None = None
     created_at: str | None = None
     username: str | None = None
-    width: int | None = None
-    height: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     # The id its image file gets when indexed bare (its path under the dump root without the

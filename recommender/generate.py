@@ -325,8 +325,6 @@ def store_generated(engine: Engine, request: GenerationRequest, made: Sequence[M
             nsfw_level=request.nsfw_level,
             model_name=one.model,
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            width=one.width,
-            height=one.height,
         )
         provenance = {
             "backend": one.backend,

@@ -103,7 +103,6 @@ def test_api_page_records(api_dump: Path) -> None:
     assert first.model_name is None
     assert first.created_at == "2024-03-01T10:00:00.000Z"
     assert first.username == "someone"
-    assert (first.width, first.height) == (8, 8)
     assert first.stats == {"likeCount": 3}
 
     assert records["102"].image_path == api_dump / "images" / "102.png"
@@ -295,7 +294,7 @@ def test_json_with_a_bom_utf16_or_nan_is_read(tmp_path: Path) -> None:
     assert sorted(records) == ["bom", "nan", "odd", "utf16"] and not skipped
     assert {r.nsfw_level for r in records.values()} == {3}
     assert records["nan"].prompt == "a red orb"
-    assert records["odd"].width is None and records["odd"].prompt == "a cat \ufffd"
+    assert records["odd"].prompt == "a cat \ufffd"
 
 
 def test_json_list_and_jsonl_of_items(tmp_path: Path) -> None:
@@ -657,7 +656,7 @@ def test_record_fields_tolerate_odd_types(tmp_path: Path) -> None:
     write_json(root / "page.json", {"items": [odd, api_item(True), api_item({"x": 1})]})
     records, skipped = read(root)
     record = records["1"]
-    assert (record.width, record.height, record.stats) == (None, None, {})
+    assert record.stats == {}
     assert record.created_at == "5"
     assert record.tags == ("a",)
     assert [entry.reason for entry in skipped] == ["bad_item", "bad_item"]

@@ -56,7 +56,9 @@ def test_index_counts_every_record_once(sample_dump: Path, tmp_path: Path) -> No
     assert catalog.key_for_id(dup["id"]) == catalog.key_for_id(dup["duplicate_of"])
     good = next(r for r in rows if not r["broken"] and r["duplicate_of"] is None)
     item = catalog.item(good["id"])
-    assert item is not None and item.width and item.height
+    assert item is not None
+    with Image.open(item.file) as file:  # the file's size, not what its JSON claims
+        assert (item.width, item.height) == file.size
 
 
 def test_rerun_processes_only_new_or_changed_files(sample_dump: Path, tmp_path: Path) -> None:
@@ -75,6 +77,18 @@ def test_rerun_processes_only_new_or_changed_files(sample_dump: Path, tmp_path: 
     catalog, third = run_index(dump, tmp_path / "cat")
     assert third.indexed == 1  # type: ignore[attr-defined]
     assert len(catalog) == first.indexed  # type: ignore[attr-defined]
+
+
+def test_items_keep_their_files_size_not_the_one_their_json_claims(tmp_path: Path) -> None:
+    """civitai gives the original's size; the file downloaded (width=450) is smaller."""
+    dump = tmp_path / "dump"
+    (dump / "images").mkdir(parents=True)
+    Image.new("RGB", (45, 66), (200, 30, 30)).save(dump / "images" / "1.jpeg")
+    page = {"items": [{"id": 1, "width": 832, "height": 1216, "meta": {"prompt": "x"}}]}
+    (dump / "page.json").write_text(json.dumps(page))
+    catalog, _ = run_index(dump, tmp_path / "cat")
+    item = catalog.item("1")
+    assert item is not None and (item.width, item.height) == (45, 66)
 
 
 @pytest.mark.parametrize("page_file", ["page.json", "pages/page.json"])
