@@ -280,6 +280,7 @@ def index_dump(
     """Index every new or changed image of the dump at ``root`` into ``catalog``."""
     config = config or PipelineConfig()
     report = IndexReport()
+    dump_root = root.resolve()
     started = time.monotonic()
     last_checkpoint = started
     if config.draft_size is None:
@@ -295,7 +296,9 @@ def index_dump(
                 catalog.record_skip(
                     item.file, item.rejection.reason, str(item.rejection), item.size, item.mtime_ns
                 )
-                log.info("skipped %s: %s", item.file, item.rejection)
+                # As the dump's skips are logged: the path in the dump, the reason, the detail.
+                shown = os.path.relpath(item.file, dump_root)
+                log.info("skipped %s: %s %s", shown, item.rejection.reason, item.rejection)
             else:
                 batcher.add(item)
             bar.update(1)
@@ -362,7 +365,7 @@ def _records_to_process(
             stated.append((entry, entry.image_path.stat()))
         except OSError as exc:
             report.skipped["unreadable"] += 1
-            log.info("skipped %s: %s", entry.image_path, exc)
+            log.info("skipped %s: unreadable %s", entry.image_path, exc)
             continue
         if len(stated) >= FILE_CHECKS_BATCH:
             yield from _new_or_changed(stated, catalog, report)

@@ -91,6 +91,21 @@ def test_items_keep_their_files_size_not_the_one_their_json_claims(tmp_path: Pat
     assert item is not None and (item.width, item.height) == (45, 66)
 
 
+def test_a_rejected_file_is_logged_like_the_dumps_skips(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dump = tmp_path / "dump"
+    (dump / "sub").mkdir(parents=True)
+    (dump / "sub" / "empty.png").write_bytes(b"")
+    (dump / "page.json").write_text("{broken")
+    with caplog.at_level("INFO", logger="indexer"):
+        catalog, report = run_index(dump, tmp_path / "cat")
+    assert report.skipped == {"empty": 1, "bad_json": 1}  # type: ignore[attr-defined]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert any(line.startswith("skipped page.json: bad_json ") for line in lines), lines
+    assert any(line.startswith("skipped sub/empty.png: empty ") for line in lines), lines
+
+
 @pytest.mark.parametrize("page_file", ["page.json", "pages/page.json"])
 def test_metadata_that_arrives_after_its_images_were_indexed_bare_is_taken(
     tmp_path: Path, page_file: str
