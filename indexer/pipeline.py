@@ -111,6 +111,17 @@ class IndexReport:
             + f"{self.elapsed_s:.1f} s, {self.images_per_s:.1f} images/s"
         )
 
+    def warnings(self) -> list[str]:
+        """What the user should act on, beyond the counts."""
+        unread = self.skipped["bad_json"]
+        if not unread:
+            return []
+        return [
+            f"{unread} JSON file(s) or line(s) could not be read (`lookalike -v index` names "
+            "them): the images they describe went in without their metadata, rated None. Fix "
+            "them and run `lookalike index` again; those items then take their metadata."
+        ]
+
     def to_json(self) -> dict[str, object]:
         return {
             "indexed": self.indexed,

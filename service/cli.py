@@ -167,6 +167,8 @@ def index(
         typer.echo(json.dumps(report.to_json()))
     else:
         typer.echo(report.summary())
+    for warning in report.warnings():
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @app.command()

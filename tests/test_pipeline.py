@@ -101,6 +101,7 @@ def test_a_rejected_file_is_logged_like_the_dumps_skips(
     with caplog.at_level("INFO", logger="indexer"):
         catalog, report = run_index(dump, tmp_path / "cat")
     assert report.skipped == {"empty": 1, "bad_json": 1}  # type: ignore[attr-defined]
+    assert "1 JSON file(s)" in report.warnings()[0]  # type: ignore[attr-defined]
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
     assert any(line.startswith("skipped page.json: bad_json ") for line in lines), lines
     assert any(line.startswith("skipped sub/empty.png: empty ") for line in lines), lines
@@ -120,7 +121,7 @@ def test_metadata_that_arrives_after_its_images_were_indexed_bare_is_taken(
     for n, colour in enumerate(colours, start=1):
         Image.new("RGB", (32, 32), colour).save(dump / "images" / f"{n}.jpeg")
     catalog, first = run_index(dump, tmp_path / "cat")
-    assert first.indexed == 3  # type: ignore[attr-defined]
+    assert first.indexed == 3 and first.warnings() == []  # type: ignore[attr-defined]
     assert catalog.item("images/1") is not None and catalog.item("images/1").nsfw_level == 0
     catalog.close()
 
