@@ -203,11 +203,12 @@ def test_reads_during_saves_and_writes_always_see_the_latest_terms(tmp_path: Pat
     """A server reads the column while a generation thread writes and checkpoints it: no read
     may see a key's terms from before a write it follows, or a half-swapped snapshot."""
     import threading
+    import time
 
     column = TermColumn.from_rows((k, (f"t{k}",)) for k in range(200))
     column.save(tmp_path / "terms.bin", (0, 1))
     version = [0] * 200  # the last version written of each key (the writer's record)
-    stop, failures = threading.Event(), []
+    stop, failures, passes = threading.Event(), [], [0]
 
     def write_and_save() -> None:
         for step in range(1, 30):
@@ -226,6 +227,8 @@ def test_reads_during_saves_and_writes_always_see_the_latest_terms(tmp_path: Pat
                 seen = int(terms[1][1:]) if len(terms) > 1 else 0
                 if terms[0] != f"t{key}" or seen < before[key]:
                     failures.append((key, terms, before[key]))
+            passes[0] += 1
+            time.sleep(0.0005)  # let the writer run: a reader spinning on the GIL starved it
 
     writer, reader = threading.Thread(target=write_and_save), threading.Thread(target=read)
     reader.start()
@@ -233,4 +236,5 @@ def test_reads_during_saves_and_writes_always_see_the_latest_terms(tmp_path: Pat
     writer.join()
     reader.join()
     assert not failures, failures[:3]
+    assert passes[0] > 10, passes  # the reads overlapped the writes
     assert column.get([1])[0] == ("t1", "v29")

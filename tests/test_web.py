@@ -185,7 +185,6 @@ def dropped(live: LiveServer, browser: Any, tmp_path: Path) -> tuple[Any, Any, l
 
 
 def test_drop_scroll_linger_steers_the_feed(live: LiveServer, browser: Any, tmp_path: Path) -> None:
-    started = time.monotonic()
     ARTIFACTS.mkdir(exist_ok=True)
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     # One column (a saved preference) from the first page on: one image in view at a time.
@@ -311,9 +310,6 @@ def test_drop_scroll_linger_steers_the_feed(live: LiveServer, browser: Any, tmp_
     assert max(skip_ms) < min(linger_ms), (skip_ms, linger_ms)
     assert errors == [], errors
     context.close()
-
-    elapsed = time.monotonic() - started
-    assert elapsed < 90, f"the browser session took {elapsed:.0f} s"
 
 
 def test_phone_viewport_is_readable(live: LiveServer, browser: Any, tmp_path: Path) -> None:

@@ -413,13 +413,17 @@ def test_serve_with_two_workers_scrolls_from_any_connection_and_stops_cleanly(
     with serving(catalog, log, "--workers", "2", exits=exits) as (url, pid):
         sessions = []
         for image_id in ids[:6]:  # each request on a new connection: any worker may take it
-            answer = httpx.post(f"{url}/v1/search", json={"image_id": image_id, "limit": 5})
+            answer = httpx.post(
+                f"{url}/v1/search", json={"image_id": image_id, "limit": 5}, timeout=30
+            )
             assert answer.status_code == 200, answer.text
             body = answer.json()
             sessions.append((body["session_id"], [item["id"] for item in body["items"]]))
         for session_id, served in sessions:
             for _ in range(3):
-                page = httpx.get(f"{url}/v1/feed", params={"session_id": session_id, "limit": 5})
+                page = httpx.get(
+                    f"{url}/v1/feed", params={"session_id": session_id, "limit": 5}, timeout=30
+                )
                 assert page.status_code == 200, page.text
                 served += [item["id"] for item in page.json()["items"]]
                 events = [
@@ -427,7 +431,9 @@ def test_serve_with_two_workers_scrolls_from_any_connection_and_stops_cleanly(
                     for i in served[-5:]
                 ]
                 sent = httpx.post(
-                    f"{url}/v1/feedback", json={"session_id": session_id, "events": events}
+                    f"{url}/v1/feedback",
+                    json={"session_id": session_id, "events": events},
+                    timeout=30,
                 )
                 assert sent.status_code == 202, sent.text
             assert len(served) == len(set(served)) == 20  # never a repeat, whoever answered
