@@ -7,11 +7,12 @@ why something was left out. Within a directory it reads, in this order:
 1. JSON documents (``.json``, ``.jsonl``, ``.ndjson``): civitai API pages
    ``{"items": [...]}``, lists / JSONL of items, flat records ``{"image_id", ...}``.
    An item's image is looked up by id (``<id>.<ext>``), then by the URL's file name
-   (a scheme-less URL is a path relative to the JSON), next to the JSON, then in the
-   ``images/`` folder beside it, then in those of the directories above it up to the root
-   (``pages/*.json`` or ``metadata/<id>.json`` beside ``images/``). An ``images/`` folder's
-   bare pass (3.) waits until its parent's whole subtree was walked, so that JSON anywhere
-   below that parent claims its images first.
+   (a scheme-less URL is a path relative to the JSON), next to the JSON and in the
+   ``images/`` folder beside it; failing that, the same in the ``images/`` folder of each
+   directory above it up to the root, nearest first (``pages/*.json`` or
+   ``metadata/<id>.json`` beside ``images/``). An ``images/`` folder's bare pass (3.) waits
+   until its parent's whole subtree was walked, so that JSON anywhere below that parent
+   claims its images first. A file already claimed by another record is ``duplicate_id``.
 2. Sidecars: ``X.json`` holding one item next to an image ``X.<ext>``; id defaults to ``X``
    (as it does for a one-item ``X.json`` with no image beside it, ``metadata/123.json``).
    gallery-dl's ``X.<ext>.json`` holds its civitai item nested (``_from_gallery_dl``).
@@ -257,6 +258,7 @@ class _DumpWalker:
         self.images_of: dict[str, tuple[str, str]] = {}
         # images/ folders walked whose bare pass waits for the end of their parent's subtree.
         self.waiting: dict[str, _Listing | None] = {}
+        self.unlistable: set[str] = set()  # directories a look-up could not list
 
     def walk(self) -> Iterator[Entry]:
         # A plain string on the stack marks the end of a subtree: its images/ folder's bare pass.
@@ -392,6 +394,8 @@ class _DumpWalker:
             found: _Found | str = self._sidecar_image(listing, sidecar)
         else:
             found = self._locate(listing, ident, url)
+        if not isinstance(found, str) and found.name in self.claimed.get(found.directory, ()):
+            found = "duplicate_id"  # another record (a sidecar, a page) took this file first
         if isinstance(found, str):
             return SkippedEntry(rel, found, f"id {ident}: {_REASON_TEXT[found]}")
         self.seen_ids.add(ident)
@@ -410,23 +414,33 @@ class _DumpWalker:
     # ---- image look-up ---------------------------------------------------------------
 
     def _locate(self, listing: _Listing, ident: str, url: str | None) -> _Found | str:
-        """Find an item's image by id, then by URL file name; a reason code when not found."""
-        places = [listing, *self._images_folders(listing)]
-        escaped = False
-        if _is_safe_name(ident):
+        """Find an item's image by id, then by URL file name, tier by tier (``_image_tiers``);
+        a reason code when not found."""
+        safe = _is_safe_name(ident)
+        searched: list[_Listing] = []
+        for places in self._image_tiers(listing):
+            searched += places
+            found = self._find(listing, places, ident if safe else None, url)
+            if found is not None:
+                return found
+        if not safe:
+            return "outside_root"
+        return self._unsupported_file(searched, ident, url) or "missing_image"
+
+    def _find(
+        self, listing: _Listing, places: list[_Listing], ident: str | None, url: str | None
+    ) -> _Found | str | None:
+        """The image named ``ident``, else the URL's file, in ``places``; None if neither."""
+        if ident is not None:
             for place in places:
                 name = place.by_stem.get(ident)
                 if name is not None:
                     return _found_or_escaped(place, name)
-        else:
-            escaped = True
         if url is not None:
             found = self._locate_url(listing, places, url)
-            if not isinstance(found, str) or found == "outside_root":
+            if found != "missing_image":
                 return found
-        if escaped:
-            return "outside_root"
-        return self._unsupported_file(places, ident, url) or "missing_image"
+        return None
 
     def _unsupported_file(self, places: list[_Listing], ident: str, url: str | None) -> str | None:
         """``unsupported_format`` where the item's file is there but not indexable (a video, a
@@ -479,28 +493,37 @@ class _DumpWalker:
             return "missing_image"
         return _found_or_escaped(place, pieces[-1])
 
-    def _images_folders(self, listing: _Listing) -> Iterator[_Listing]:
-        """The ``images/`` folders a JSON in ``listing`` looks in: its own, then those of the
-        directories above it up to the root, nearest first."""
+    def _image_tiers(self, listing: _Listing) -> Iterator[list[_Listing]]:
+        """Where a JSON in ``listing`` looks for its items' images, tier by tier: beside it and
+        in its own ``images/`` folder; then the ``images/`` folder of each directory above it,
+        nearest first. A match by id or URL in a nearer tier wins."""
+        own = self._images_folder_of(listing.path, listing)
+        yield [listing] if own is None else [listing, own]
         directory = listing.path
-        while True:
-            folder = self.images_of.get(directory)
-            if folder is not None and folder[0] != listing.path:
-                images = self._listing_of(*folder)
-                if images is not None:
-                    yield images
-            if directory == self.root:
-                return
+        while directory != self.root:
             directory = os.path.dirname(directory)
+            folder = self._images_folder_of(directory, listing)
+            if folder is not None:
+                yield [folder]
+
+    def _images_folder_of(self, directory: str, listing: _Listing) -> _Listing | None:
+        """The listing of ``directory``'s images/ folder (when it is not ``listing`` itself)."""
+        folder = self.images_of.get(directory)
+        if folder is None or folder[0] == listing.path:
+            return None
+        return self._listing_of(*folder)
 
     def _listing_of(self, directory: str, rel: str) -> _Listing | None:
         """A directory's listing, scanned once and kept until the walk reaches it (an
-        images/ folder's, until its bare pass)."""
+        images/ folder's, until its bare pass); None for one that cannot be listed."""
         listing = self.waiting.get(directory) or self.listings.get(directory)
         if listing is None:
+            if directory in self.unlistable:
+                return None
             try:
                 listing = _scan(directory, rel, self.root)
             except OSError:
+                self.unlistable.add(directory)  # not tried again for each item
                 return None
             self.listings[directory] = listing
         return listing

@@ -162,6 +162,50 @@ def test_json_in_a_folder_beside_images_finds_them_before_they_go_in_bare(tmp_pa
     assert detect_format(root) == "civitai-api"
 
 
+def test_a_match_beside_the_json_beats_one_in_an_images_folder_above(tmp_path: Path) -> None:
+    root = tmp_path / "dump"
+    write_image(root / "images" / "5.png", "blue")
+    write_image(root / "sub" / "abc.png")  # item 5's, by its URL, beside its JSON
+    write_json(root / "sub" / "page.json", {"items": [api_item(5, url="https://x/y/abc.png")]})
+    records, skipped = read(root)
+    assert not skipped and sorted(records) == ["5", "images/5"]
+    assert records["5"].image_path == root / "sub" / "abc.png"
+
+
+def test_a_file_two_records_name_is_read_once(tmp_path: Path) -> None:
+    """A sidecar in images/ (walked first) and a page in pages/ beside it both name 7.png."""
+    root = tmp_path / "dump"
+    write_image(root / "images" / "7.png")
+    write_json(root / "images" / "7.json", api_item(7))
+    write_json(root / "pages" / "p.json", {"items": [api_item(70, url="https://x/y/7.png")]})
+    records, skipped = read(root)
+    assert sorted(records) == ["7"]
+    assert reasons(skipped) == {"pages/p.json": "duplicate_id"}
+
+
+def test_an_images_folder_that_cannot_be_listed_is_tried_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import indexer.dump as dump_module
+
+    root = tmp_path / "dump"
+    write_image(root / "images" / "1.png")
+    write_json(root / "pages" / "p.json", {"items": [api_item(n) for n in range(50)]})
+    scanned: list[str] = []
+    real_scan = dump_module._scan
+
+    def scan(directory: str, rel: str, root_path: str) -> Any:
+        scanned.append(rel)
+        if rel == "images":
+            raise PermissionError(13, "Permission denied", directory)
+        return real_scan(directory, rel, root_path)
+
+    monkeypatch.setattr(dump_module, "_scan", scan)
+    records, skipped = read(root)
+    assert not records and scanned.count("images") <= 2  # once walked, once looked into
+    assert reasons(skipped)["images"] == "unreadable"
+
+
 def test_an_images_folder_is_only_looked_into_from_json_below_its_parent(tmp_path: Path) -> None:
     root = tmp_path / "dump"
     write_image(root / "a" / "images" / "7.png")
