@@ -85,6 +85,7 @@ _SNIFF_BYTES: Final = 512  # enough for every signature and an SVG's XML prologu
 
 _WHITE: Final = (255, 255, 255)
 _ORIENTATION_TAG: Final = 0x0112
+_QUARTER_TURNS: Final = frozenset({5, 6, 7, 8})  # orientations that swap width and height
 _EXIF_IFD: Final = 0x8769
 _USER_COMMENT_TAG: Final = 0x9286
 
@@ -129,7 +130,7 @@ def decode_image(
     header_size = image.size
     try:
         _check_frames(image, data, limits.max_frames)
-        if draft_size is not None and drafted:
+        if drafted and draft_size is not None:
             image.draft("RGB", (draft_size, draft_size))
         image.load()
     except Image.DecompressionBombError as exc:
@@ -138,8 +139,8 @@ def decode_image(
         raise _rejection_for(exc, ran_out=False) from exc
     _check_dimensions(image.size, limits)  # a GIF frame may grow the canvas while loading
     width, height = header_size if drafted else image.size
-    upright = _apply_orientation(image)
-    if upright.size != image.size:  # turned a quarter
+    upright, turned = _apply_orientation(image)
+    if turned:  # (not upright.size != image.size: a drafted 1003x1001 is square)
         width, height = height, width
     rgb = _to_rgb(upright)
     rgb.info["source_size"] = (width, height)
@@ -306,16 +307,18 @@ def _rejection_for(exc: Exception, *, ran_out: bool) -> ImageRejected:
     return ImageRejected("corrupt", f"the image data is corrupt: {message}")
 
 
-def _apply_orientation(image: Image.Image) -> Image.Image:
-    """Return ``image`` turned upright according to its EXIF orientation (ignored if broken)."""
+def _apply_orientation(image: Image.Image) -> tuple[Image.Image, bool]:
+    """``image`` turned upright according to its EXIF orientation (ignored if broken), and
+    whether that swapped its width and height (a quarter turn, orientations 5-8)."""
     try:
         orientation = image.getexif().get(_ORIENTATION_TAG)
         if orientation in (None, 1):
-            return image
-        return ImageOps.exif_transpose(image)
+            return image, False
+        upright = ImageOps.exif_transpose(image)
     except _DECODE_ERRORS as exc:
         logger.debug("ignoring unreadable EXIF orientation: %s", exc)
-        return image
+        return image, False
+    return upright, upright is not image and orientation in _QUARTER_TURNS
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from indexer.alignment import TextImageEncoder, align_catalog
 from indexer.catalog import Catalog, NewItem
-from indexer.dump import iter_dump
+from indexer.dump import JSON_EXTENSIONS, iter_dump
 from indexer.encoders.base import Encoder, ImageEncoder
 from indexer.errors import ImageRejected
 from indexer.images import ImageLimits, decode_image
@@ -95,6 +95,9 @@ class IndexReport:
     skipped: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
     aligned: int = 0  # prompt-image alignment scores computed (catalogs with a clip space)
+    # JSON files (or lines) skipped as unparsable or unreadable: the images they describe went
+    # in without metadata, unrated
+    unread_metadata: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -113,11 +116,11 @@ class IndexReport:
 
     def warnings(self) -> list[str]:
         """What the user should act on, beyond the counts."""
-        unread = self.skipped["bad_json"]
-        if not unread:
+        if not self.unread_metadata:
             return []
         return [
-            f"{unread} JSON file(s) or line(s) could not be read (`lookalike -v index` names "
+            f"{self.unread_metadata} JSON file(s) or line(s) could not be read (`lookalike -v "
+            "index` names "
             "them): the images they describe went in without their metadata, rated None. Fix "
             "them and run `lookalike index` again; those items then take their metadata."
         ]
@@ -365,6 +368,10 @@ def _records_to_process(
         if isinstance(entry, SkippedEntry):
             report.skipped[entry.reason] += 1
             log.info("skipped %s: %s %s", entry.path, entry.reason, entry.detail)
+            if entry.reason == "bad_json" or (
+                entry.reason == "unreadable" and entry.path.lower().endswith(tuple(JSON_EXTENSIONS))
+            ):
+                report.unread_metadata += 1
             continue
         if config.shard is not None and not config.shard.owns(entry.id):
             continue
@@ -376,7 +383,8 @@ def _records_to_process(
             stated.append((entry, entry.image_path.stat()))
         except OSError as exc:
             report.skipped["unreadable"] += 1
-            log.info("skipped %s: unreadable %s", entry.image_path, exc)
+            shown = os.path.relpath(entry.image_path, root.resolve())
+            log.info("skipped %s: unreadable %s", shown, exc)
             continue
         if len(stated) >= FILE_CHECKS_BATCH:
             yield from _new_or_changed(stated, catalog, report)

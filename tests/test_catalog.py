@@ -223,11 +223,11 @@ def test_feedback_is_idempotent_by_event_id(catalog: Catalog) -> None:
     assert [row[2] for row in catalog.feedback_rows()] == ["3", "4", "5"]
 
 
-def test_close_folds_the_wal_even_while_another_process_holds_the_database(
+def test_close_folds_the_wal_even_while_another_connection_holds_the_database(
     catalog: Catalog,
 ) -> None:
-    """Another worker still connected keeps the WAL file; what this one wrote is in the db."""
-    other = sqlite3.connect(catalog.path / DATABASE)  # as a second serve worker would be
+    """Another connection still open keeps the WAL file; what this one wrote is in the db."""
+    other = sqlite3.connect(catalog.path / DATABASE)  # as a second serve worker's would be
     try:
         other.execute("SELECT COUNT(*) FROM items").fetchall()
         catalog.record_feedback("s1", None, [("e1", "3", 1200.0)])

@@ -10,11 +10,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import indexer.dump
 from indexer.catalog import Catalog
 from indexer.encoders import create_encoder
 from indexer.encoders.base import ImageEncoder
@@ -83,25 +85,33 @@ def test_items_keep_their_files_size_not_the_one_their_json_claims(tmp_path: Pat
     """civitai gives the original's size; the file downloaded (width=450) is smaller."""
     dump = tmp_path / "dump"
     (dump / "images").mkdir(parents=True)
-    Image.new("RGB", (45, 66), (200, 30, 30)).save(dump / "images" / "1.jpeg")
+    Image.new("RGB", (450, 660), (200, 30, 30)).save(dump / "images" / "1.jpeg")
     page = {"items": [{"id": 1, "width": 832, "height": 1216, "meta": {"prompt": "x"}}]}
     (dump / "page.json").write_text(json.dumps(page))
-    catalog, _ = run_index(dump, tmp_path / "cat")
+    catalog, _ = run_index(dump, tmp_path / "cat", draft_size=64)  # decoded at 1/4 scale
     item = catalog.item("1")
-    assert item is not None and (item.width, item.height) == (45, 66)
+    assert item is not None and (item.width, item.height) == (450, 660)
 
 
 def test_a_rejected_file_is_logged_like_the_dumps_skips(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dump = tmp_path / "dump"
     (dump / "sub").mkdir(parents=True)
     (dump / "sub" / "empty.png").write_bytes(b"")
     (dump / "page.json").write_text("{broken")
+    (dump / "more.json").write_text(json.dumps({"items": [{"id": 1, "nsfwLevel": "X"}]}))
+
+    def failing_open(path: str, *args: Any) -> Any:
+        if path.endswith("more.json"):  # as a file the indexer may not read (tests run as root)
+            raise PermissionError(13, "Permission denied", path)
+        return open(path, *args)
+
+    monkeypatch.setattr(indexer.dump, "open", failing_open, raising=False)
     with caplog.at_level("INFO", logger="indexer"):
         catalog, report = run_index(dump, tmp_path / "cat")
-    assert report.skipped == {"empty": 1, "bad_json": 1}  # type: ignore[attr-defined]
-    assert "1 JSON file(s)" in report.warnings()[0]  # type: ignore[attr-defined]
+    assert report.skipped == {"empty": 1, "bad_json": 1, "unreadable": 1}  # type: ignore[attr-defined]
+    assert "2 JSON file(s)" in report.warnings()[0]  # type: ignore[attr-defined]
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
     assert any(line.startswith("skipped page.json: bad_json ") for line in lines), lines
     assert any(line.startswith("skipped sub/empty.png: empty ") for line in lines), lines
