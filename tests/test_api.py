@@ -124,7 +124,9 @@ def test_health_ready_docs(client: TestClient) -> None:
     assert "#/$defs/" not in spec.text  # every schema reference resolves inside the document
     paths = spec.json()["paths"]
     assert {"/v1/search", "/v1/feed", "/v1/feedback", "/knn-service", "/indices-list"} <= set(paths)
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and 'src="static/api-docs.js"' in docs.text
+    assert client.get("/static/api-docs.js").status_code == 200
 
 
 def test_readyz_is_503_until_the_engine_is_ready(

@@ -422,20 +422,25 @@ def test_looks_the_forgotten_session_refused_reach_the_session_that_took_over(
     context.close()
 
 
-def test_api_docs_without_the_cdn_show_a_plain_reference(live: LiveServer, browser: Any) -> None:
-    """/docs loads Swagger UI from a CDN; offline, the page lists the API from /openapi.json."""
+@pytest.mark.parametrize("network", ["refused", "dropped"])
+def test_api_docs_without_the_cdn_show_a_plain_reference(
+    live: LiveServer, browser: Any, network: str
+) -> None:
+    """/docs loads Swagger UI from a CDN; offline, the page lists the API from /openapi.json,
+    whether the CDN is refused at once or its packets are dropped (a firewall: no answer)."""
     context = browser.new_context()
     page = context.new_page()
     blocked: list[str] = []
 
     def offline(route: Any) -> None:
         blocked.append(route.request.url)
-        route.abort()
+        if network == "refused":
+            route.abort()  # else never answered, as long as the test runs
 
-    page.route("https://**/*", offline)  # the CDN, as a network without internet has it
+    page.route("https://**/*", offline)
     try:
-        page.goto(f"{live.url}/docs")
-        page.wait_for_selector(".api-reference")
+        page.goto(f"{live.url}/docs", wait_until="commit")
+        page.wait_for_selector(".api-reference", timeout=20_000)
         headings = page.eval_on_selector_all(".operation h3", "els => els.map(e => e.textContent)")
         assert {"POST /v1/search", "GET /v1/feed", "POST /v1/feedback"} <= set(headings)
         assert "POST /knn-service" in headings
@@ -443,16 +448,19 @@ def test_api_docs_without_the_cdn_show_a_plain_reference(live: LiveServer, brows
         assert link and page.query_selector(link) is not None  # schema links land on a schema
         assert any("swagger-ui" in url for url in blocked)
         ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "api-docs-offline.png"))
+        page.screenshot(path=str(ARTIFACTS / f"api-docs-{network}.png"))
     finally:
         context.close()
 
 
-def test_api_docs_with_the_cdn_leave_swagger_ui_alone(live: LiveServer, browser: Any) -> None:
+def test_api_docs_with_the_cdn_start_swagger_ui(live: LiveServer, browser: Any) -> None:
     context = browser.new_context()
     page = context.new_page()
-    # A stand-in for the CDN's bundle: all the fallback looks for is SwaggerUIBundle.
-    stub = "window.SwaggerUIBundle = Object.assign(() => ({}), {presets: {}});"
+    # A stand-in for the CDN's bundle, which records how the page started it.
+    stub = (
+        "window.SwaggerUIBundle = Object.assign((config) => { window.started = config; },"
+        " {presets: {apis: 'apis'}, SwaggerUIStandalonePreset: 'standalone'});"
+    )
     page.route(
         "https://**/*.js", lambda route: route.fulfill(body=stub, content_type="text/javascript")
     )
@@ -460,7 +468,11 @@ def test_api_docs_with_the_cdn_leave_swagger_ui_alone(live: LiveServer, browser:
     try:
         page.goto(f"{live.url}/docs")
         page.wait_for_load_state("load")
-        assert page.evaluate("typeof window.SwaggerUIBundle") == "function"
+        page.wait_for_function("window.started !== undefined")
+        started = page.evaluate("window.started")
+        assert started["url"] == "openapi.json" and started["dom_id"] == "#swagger-ui"
+        assert started["presets"] == ["apis", "standalone"]
+        page.wait_for_timeout(4500)  # past the wait for a CDN that does not answer
         assert page.query_selector("head style") is None  # the fallback adds one first thing
         assert page.query_selector(".api-reference") is None
     finally:

@@ -1,9 +1,12 @@
-// A plain API reference built from /openapi.json, for /docs where Swagger UI (loaded from a
-// CDN) is not there: a server or browser without internet. Read-only: no "try it out".
+// /docs: Swagger UI, loaded from a CDN by this script; where the CDN is out of reach (a
+// network without internet, a firewall that drops the packets), a plain API reference built
+// from /openapi.json instead. The reference is read-only: no "try it out".
 "use strict";
 
 (() => {
   const METHODS = ["get", "post", "put", "patch", "delete"];
+  const SWAGGER_UI = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/";
+  const CDN_WAIT_MS = 4000; // then the reference shows, should the CDN answer late or never
 
   function el(tag, text, className) {
     const node = document.createElement(tag);
@@ -156,11 +159,13 @@
     .api-reference .note { background: #fff6dd; padding: 0.5em 0.8em; border-radius: 4px; }
   `;
 
-  async function fallBack() {
-    if (window.SwaggerUIBundle) return; // the CDN answered: Swagger UI is on the page
-    const style = el("style", STYLE);
-    document.head.append(style);
-    const target = document.getElementById("swagger-ui") || document.body;
+  let shown = false;
+
+  async function showReference() {
+    if (shown || window.SwaggerUIBundle) return;
+    shown = true;
+    document.head.append(el("style", STYLE));
+    const target = document.getElementById("swagger-ui");
     try {
       const answer = await fetch("openapi.json");
       if (!answer.ok) throw new Error(`HTTP ${answer.status}`);
@@ -170,5 +175,27 @@
     }
   }
 
-  window.addEventListener("load", fallBack);
+  function showSwaggerUI() {
+    const target = document.getElementById("swagger-ui");
+    target.replaceChildren(); // the reference, where it came first
+    window.SwaggerUIBundle({
+      url: "openapi.json",
+      dom_id: "#swagger-ui",
+      deepLinking: true,
+      layout: "BaseLayout",
+      presets: [window.SwaggerUIBundle.presets.apis, window.SwaggerUIBundle.SwaggerUIStandalonePreset],
+    });
+  }
+
+  // Added by script, the CDN's files never hold the page: neither its parsing nor its load.
+  const css = document.createElement("link");
+  css.rel = "stylesheet";
+  css.href = `${SWAGGER_UI}swagger-ui.css`;
+  document.head.append(css);
+  const bundle = document.createElement("script");
+  bundle.src = `${SWAGGER_UI}swagger-ui-bundle.js`;
+  bundle.onload = showSwaggerUI;
+  bundle.onerror = showReference;
+  document.head.append(bundle);
+  setTimeout(showReference, CDN_WAIT_MS);
 })();
