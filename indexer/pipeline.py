@@ -119,10 +119,10 @@ class IndexReport:
         if not self.unread_metadata:
             return []
         return [
-            f"{self.unread_metadata} JSON file(s) or line(s) could not be read (`lookalike -v "
-            "index` names "
-            "them): the images they describe went in without their metadata, rated None. Fix "
-            "them and run `lookalike index` again; those items then take their metadata."
+            f"{self.unread_metadata} JSON file(s) or line(s) could not be read "
+            "(`lookalike -v index` names them): the images they describe went in without "
+            "their metadata, rated None. Fix them and run `lookalike index` again; those "
+            "items then take their metadata."
         ]
 
     def to_json(self) -> dict[str, object]:
@@ -271,16 +271,17 @@ class _Batcher:
 
 def _new_item(d: Decoded) -> NewItem:
     assert d.image is not None
+    # The file's size, as served: a dump's width and height are often the original's, larger
+    # than the copy downloaded (civitai's width=... URLs).
+    width, height = d.image.info.get("source_size", d.image.size)
     return NewItem(
         record=d.record,
         file=d.file,
         content_hash=d.content_hash,
         file_size=d.size,
         file_mtime_ns=d.mtime_ns,
-        # The file's size, as served: a dump's width and height are often the original's,
-        # larger than the copy downloaded (civitai's width=... URLs).
-        width=d.image.info.get("source_size", d.image.size)[0],
-        height=d.image.info.get("source_size", d.image.size)[1],
+        width=width,
+        height=height,
     )
 
 
@@ -362,6 +363,7 @@ def _records_to_process(
     """Dump records whose files are new or changed; unchanged ones are counted and passed over.
 
     Every record's position in the dump's order is recorded (see ``lookalike merge``)."""
+    dump_root = root.resolve()
     positions: list[tuple[str, int]] = []
     stated: list[tuple[DumpRecord, os.stat_result]] = []
     for position, entry in enumerate(iter_dump(root)):
@@ -383,7 +385,7 @@ def _records_to_process(
             stated.append((entry, entry.image_path.stat()))
         except OSError as exc:
             report.skipped["unreadable"] += 1
-            shown = os.path.relpath(entry.image_path, root.resolve())
+            shown = os.path.relpath(entry.image_path, dump_root)
             log.info("skipped %s: unreadable %s", shown, exc)
             continue
         if len(stated) >= FILE_CHECKS_BATCH:
