@@ -108,7 +108,7 @@ class _Listing:
         without the extension, or with it where another image here shares its stem (x.gif
         beside x.webp), so that no file's id depends on which one was read first."""
         rel = self.rel_of(name)
-        return rel if name[: name.rfind(".")] in self.shared_stems else rel[: rel.rfind(".")]
+        return rel if _stem(name) in self.shared_stems else self.rel_of(_stem(name))
 
     def path_of(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -202,6 +202,12 @@ def _extension(name: str) -> str:
     return name[dot:].lower() if dot > 0 else ""
 
 
+def _stem(name: str) -> str:
+    """``name`` without its extension (as ``_extension`` sees it)."""
+    dot = name.rfind(".")
+    return name[:dot] if dot > 0 else name
+
+
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
@@ -231,12 +237,12 @@ def _add_file(listing: _Listing, name: str, path: str) -> None:
         listing.json_files[name] = path
     elif ext in _OTHER_MEDIA_EXTENSIONS:
         listing.other_media.append(name)
-        listing.other_by_stem.setdefault(name[: name.rfind(".")], name)
+        listing.other_by_stem.setdefault(_stem(name), name)
 
 
 def _add_image(listing: _Listing, name: str, path: str | None) -> None:
     listing.images[name] = path
-    stem = name[: name.rfind(".")]
+    stem = _stem(name)
     if listing.by_stem.setdefault(stem, name) != name:
         listing.shared_stems.add(stem)
     # gallery-dl names an image's metadata after the whole file name: 123.jpeg.json
@@ -330,8 +336,7 @@ class _DumpWalker:
             else:
                 yield SkippedEntry(rel, "bad_json", str(exc))
             return
-        stem = name[: name.rfind(".")]
-        yield from self._document(listing, rel, document, sidecar_stem=stem)
+        yield from self._document(listing, rel, document, sidecar_stem=_stem(name))
 
     def _jsonl_file(self, listing: _Listing, rel: str, path: str) -> Iterator[Entry]:
         try:
@@ -384,7 +389,7 @@ class _DumpWalker:
         elif ident is None and sidecar_stem is not None and _is_safe_name(sidecar_stem):
             # metadata/123.json (or 123.jpeg.json), its image 123.jpeg in images/ above
             has_extension = _extension(sidecar_stem) in IMAGE_EXTENSIONS
-            ident = sidecar_stem[: sidecar_stem.rfind(".")] if has_extension else sidecar_stem
+            ident = _stem(sidecar_stem) if has_extension else sidecar_stem
         if ident is None:
             return SkippedEntry(rel, "bad_item", "the item has no id")
         if ident in self.seen_ids:
@@ -395,7 +400,7 @@ class _DumpWalker:
         else:
             found = self._locate(listing, ident, url)
         if not isinstance(found, str) and found.name in self.claimed.get(found.directory, ()):
-            found = "duplicate_id"  # another record (a sidecar, a page) took this file first
+            found = "duplicate_id"  # another record (a page, a sidecar) took this file first
         if isinstance(found, str):
             return SkippedEntry(rel, found, f"id {ident}: {_REASON_TEXT[found]}")
         self.seen_ids.add(ident)
@@ -407,8 +412,6 @@ class _DumpWalker:
         path = listing.images[name]
         if path is None:
             return "outside_root"
-        if name in self.claimed.get(listing.path, ()):
-            return "duplicate_id"  # an API page or flat record already indexed this image
         return _Found(listing.path, name, path, listing.bare_id_of(name))
 
     # ---- image look-up ---------------------------------------------------------------
@@ -447,8 +450,7 @@ class _DumpWalker:
         BMP), claimed so that it is reported once, with its item."""
         stems = [ident]
         if url is not None:
-            url_name = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
-            stems.append(url_name[: url_name.rfind(".")] if "." in url_name else url_name)
+            stems.append(_stem(unquote(urlsplit(url).path.rsplit("/", 1)[-1])))
         for place in places:
             for stem in stems:
                 name = place.other_by_stem.get(stem)
@@ -560,7 +562,7 @@ _REASON_TEXT: Final = {
 
 
 def _is_sidecar_name(listing: _Listing, name: str) -> bool:
-    return _extension(name) == ".json" and name[: name.rfind(".")] in listing.by_stem
+    return _extension(name) == ".json" and _stem(name) in listing.by_stem
 
 
 def _is_safe_name(name: str) -> bool:
