@@ -169,9 +169,12 @@
     try {
       const answer = await fetch("openapi.json");
       if (!answer.ok) throw new Error(`HTTP ${answer.status}`);
-      target.replaceChildren(render(await answer.json()));
+      const spec = await answer.json();
+      if (!window.SwaggerUIBundle) target.replaceChildren(render(spec)); // unless it came meanwhile
     } catch (error) {
-      target.replaceChildren(el("p", `Could not load the OpenAPI document: ${error.message}`));
+      if (!window.SwaggerUIBundle) {
+        target.replaceChildren(el("p", `Could not load the OpenAPI document: ${error.message}`));
+      }
     }
   }
 
